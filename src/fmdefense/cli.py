@@ -1,0 +1,127 @@
+"""Command-line interface: `fmdefense <data|train|evaluate> ...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from fmdefense.device import resolve_device
+from fmdefense.errors import FMDefenseError
+
+log = logging.getLogger("fmdefense")
+DATASETS = ("mnist", "fmnist", "orl", "celeba")
+
+
+def _data_fetch(args: argparse.Namespace) -> None:
+    from fmdefense.data import fetch, load_raw
+
+    for name in args.dataset:
+        fetch(name)
+        ds = load_raw(name, data_dir=args.data_dir)
+        print(f"{name}: {len(ds.y_train)} train / {len(ds.y_test)} test images ready")
+
+
+def _data_info(args: argparse.Namespace) -> None:
+    from fmdefense.data import load_raw
+    from fmdefense.data.sources import cache_paths
+    from fmdefense.paths import data_home
+    from fmdefense.training.checkpoint import read_json
+
+    ds = load_raw(args.dataset, data_dir=args.data_dir)
+    _, record = cache_paths(args.dataset, data_home())
+    info = {
+        "dataset": ds.name,
+        "train": len(ds.y_train),
+        "test": len(ds.y_test),
+        "image_shape": list(ds.image_shape),
+        "classes": ds.num_classes,
+        "train_label_counts": np.bincount(ds.y_train).tolist(),
+        "test_label_counts": np.bincount(ds.y_test).tolist(),
+        "sha256": read_json(record)["sha256"] if record.is_file() else None,
+    }
+    print(json.dumps(info, indent=2))
+
+
+def _train_classifier(args: argparse.Namespace) -> None:
+    from fmdefense.training.jobs import run_train_classifier
+
+    out = args.out or Path("runs") / args.dataset / "classifier"
+    metrics = run_train_classifier(args.dataset, out, resolve_device(args.device),
+                                   epochs=args.epochs, seed=args.seed, data_dir=args.data_dir)  # fmt: skip
+    print(f"{args.dataset}: test accuracy {metrics['test_accuracy']:.4f} -> {out}")
+
+
+def _evaluate_classifier(args: argparse.Namespace) -> None:
+    from fmdefense.training.jobs import measure_classifier
+
+    for name in args.dataset:
+        m = measure_classifier(name, args.weights, resolve_device(args.device), args.data_dir)
+        print(f"{name}: test accuracy {m['test_accuracy']:.4f} on {m['test_images']} images "
+              f"({m['weights']})")  # fmt: skip
+
+
+def _common(p: argparse.ArgumentParser, *, device: bool = True) -> None:
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="folder with the dataset's own files (IDX, or CelebA's layout)")  # fmt: skip
+    if device:
+        p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:N]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; each leaf command sets `func`."""
+    parser = argparse.ArgumentParser(prog="fmdefense", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="fetch and inspect datasets").add_subparsers(
+        dest="action", required=True
+    )
+    p = data.add_parser("fetch", help="download the offline sources and build the caches")
+    p.add_argument("--dataset", nargs="+", choices=DATASETS, default=["mnist"])
+    _common(p, device=False)
+    p.set_defaults(func=_data_fetch)
+    p = data.add_parser("info", help="counts, shapes, label histogram and checksum")
+    p.add_argument("--dataset", choices=DATASETS, default="mnist")
+    _common(p, device=False)
+    p.set_defaults(func=_data_info)
+
+    train = sub.add_parser("train", help="train models").add_subparsers(dest="what", required=True)
+    p = train.add_parser("classifier", help="train a target classifier (resumes when interrupted)")
+    p.add_argument("--dataset", choices=DATASETS, required=True)
+    p.add_argument("--out", type=Path, default=None, help="artifact folder (runs/D/classifier)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    _common(p)
+    p.set_defaults(func=_train_classifier)
+
+    ev = sub.add_parser("evaluate", help="measure artifacts").add_subparsers(dest="what", required=True)
+    p = ev.add_parser("classifier", help="test accuracy of a classifier artifact")
+    p.add_argument("--dataset", nargs="+", choices=DATASETS, default=["mnist"])
+    p.add_argument("--weights", type=Path, default=None, help="artifact folder (shipped weights)")
+    _common(p)
+    p.set_defaults(func=_evaluate_classifier)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `fmdefense` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")  # fmt: skip
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except FMDefenseError as exc:
+        print(f"fmdefense: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,145 @@
+"""Artifacts on disk: one folder holding config.json, model.safetensors and metrics.json.
+
+Everything is written to a temporary name and renamed, so a killed run never leaves a half-written
+file. Nothing here unpickles: weights are safetensors, resume state is loaded with weights_only=True.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from fmdefense.errors import ArtifactError
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+METRICS_FILE = "metrics.json"
+RESUME_FILE = "resume.pt"
+
+
+def _atomic_path(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file in the same folder and an atomic rename."""
+    tmp = _atomic_path(path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write `obj` as indented JSON atomically."""
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file, raising ArtifactError naming the file when it is missing or corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"missing file {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"corrupt JSON in {path}: {exc}") from exc
+
+
+def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Save a flat dict of tensors as safetensors, atomically (tensors made contiguous on CPU)."""
+    tmp = _atomic_path(Path(path))
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Load a safetensors file, raising ArtifactError naming the file when missing or corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"missing weights file {path}")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ArtifactError(f"corrupt safetensors file {path}: {exc}") from exc
+
+
+def save_artifact(
+    folder: Path,
+    *,
+    kind: str,
+    config: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    metrics: Mapping[str, Any] | None = None,
+) -> None:
+    """Write an artifact folder; the weights land before the config so a config implies weights."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_tensors(folder / WEIGHTS_FILE, tensors)
+    if metrics is not None:
+        write_json(folder / METRICS_FILE, dict(metrics))
+    write_json(
+        folder / CONFIG_FILE,
+        {"kind": kind, "format_version": FORMAT_VERSION, "config": dict(config)},
+    )
+
+
+def read_config(folder: Path, kind: str) -> dict[str, Any]:
+    """Read an artifact's config.json and check its kind and format version."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ArtifactError(f"artifact folder {folder} does not exist")
+    meta = read_json(folder / CONFIG_FILE)
+    if not isinstance(meta, dict) or "kind" not in meta or "config" not in meta:
+        raise ArtifactError(f"{folder / CONFIG_FILE} is not an fmdefense artifact config")
+    if meta["kind"] != kind:
+        raise ArtifactError(f"{folder} holds a {meta['kind']!r} artifact, expected {kind!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{folder} has format_version {meta.get('format_version')}, expected {FORMAT_VERSION}"
+        )
+    return dict(meta["config"])
+
+
+def read_metrics(folder: Path) -> dict[str, Any]:
+    """Read an artifact's metrics.json (empty dict when absent)."""
+    path = Path(folder) / METRICS_FILE
+    return dict(read_json(path)) if path.is_file() else {}
+
+
+def save_resume_state(folder: Path, state: Mapping[str, Any]) -> None:
+    """Save optimizer/model/epoch state for resuming (plain tensors and numbers only)."""
+    tmp = _atomic_path(Path(folder) / RESUME_FILE)
+    try:
+        torch.save(dict(state), tmp)
+        os.replace(tmp, Path(folder) / RESUME_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_resume_state(folder: Path) -> dict[str, Any] | None:
+    """Load resume state with weights_only=True (no arbitrary unpickling); None when absent."""
+    path = Path(folder) / RESUME_FILE
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError) as exc:
+        raise ArtifactError(f"corrupt resume state {path}: {exc}; delete it to start over") from exc
+    return dict(state)
