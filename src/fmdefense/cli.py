@@ -16,6 +16,11 @@ from fmdefense.errors import FMDefenseError
 
 log = logging.getLogger("fmdefense")
 DATASETS = ("mnist", "fmnist", "orl", "celeba")
+# Modules that add their own subcommands; one line each.
+COMMAND_MODULES: list[str] = [
+    # "fmdefense.training.vae_commands",
+    # "fmdefense.attacks.commands",
+]
 
 
 def _data_fetch(args: argparse.Namespace) -> None:
@@ -106,7 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=Path, default=None, help="artifact folder (shipped weights)")
     _common(p)
     p.set_defaults(func=_evaluate_classifier)
+    _register_plugins(sub)
     return parser
+
+
+def _register_plugins(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Subcommands that live beside the code they drive (each module has `register(sub)`)."""
+    import importlib
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
