@@ -34,12 +34,12 @@ def _data_fetch(args: argparse.Namespace) -> None:
 
 def _data_info(args: argparse.Namespace) -> None:
     from fmdefense.data import load_raw
-    from fmdefense.data.sources import cache_paths
+    from fmdefense.data.sources import cache_key, cache_paths
     from fmdefense.paths import data_home
     from fmdefense.training.checkpoint import read_json
 
     ds = load_raw(args.dataset, data_dir=args.data_dir)
-    _, record = cache_paths(args.dataset, data_home())
+    _, record = cache_paths(cache_key(args.dataset, args.data_dir), data_home())
     info = {
         "dataset": ds.name,
         "train": len(ds.y_train),
@@ -57,8 +57,14 @@ def _train_classifier(args: argparse.Namespace) -> None:
     from fmdefense.training.jobs import run_train_classifier
 
     out = args.out or Path("runs") / args.dataset / "classifier"
-    metrics = run_train_classifier(args.dataset, out, resolve_device(args.device),
-                                   epochs=args.epochs, seed=args.seed, data_dir=args.data_dir)  # fmt: skip
+    metrics = run_train_classifier(
+        args.dataset,
+        out,
+        resolve_device(args.device),
+        epochs=args.epochs,
+        seed=args.seed,
+        data_dir=args.data_dir,
+    )
     print(f"{args.dataset}: test accuracy {metrics['test_accuracy']:.4f} -> {out}")
 
 
@@ -67,13 +73,19 @@ def _evaluate_classifier(args: argparse.Namespace) -> None:
 
     for name in args.dataset:
         m = measure_classifier(name, args.weights, resolve_device(args.device), args.data_dir)
-        print(f"{name}: test accuracy {m['test_accuracy']:.4f} on {m['test_images']} images "
-              f"({m['weights']})")  # fmt: skip
+        print(
+            f"{name}: test accuracy {m['test_accuracy']:.4f} on {m['test_images']} images "
+            f"({m['weights']})"
+        )
 
 
 def _common(p: argparse.ArgumentParser, *, device: bool = True) -> None:
-    p.add_argument("--data-dir", type=Path, default=None,
-                   help="folder with the dataset's own files (IDX, or CelebA's layout)")  # fmt: skip
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="folder with the dataset's own files (IDX, or CelebA's layout)",
+    )
     if device:
         p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:N]")
 
@@ -105,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=_train_classifier)
 
-    ev = sub.add_parser("evaluate", help="measure artifacts").add_subparsers(dest="what", required=True)
+    ev = sub.add_parser("evaluate", help="measure artifacts").add_subparsers(
+        dest="what", required=True
+    )
     p = ev.add_parser("classifier", help="test accuracy of a classifier artifact")
     p.add_argument("--dataset", nargs="+", choices=DATASETS, default=["mnist"])
     p.add_argument("--weights", type=Path, default=None, help="artifact folder (shipped weights)")
@@ -115,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _register_plugins(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _register_plugins(sub: argparse._SubParsersAction) -> None:
     """Subcommands that live beside the code they drive (each module has `register(sub)`)."""
     import importlib
 
@@ -126,8 +140,10 @@ def _register_plugins(sub: argparse._SubParsersAction) -> None:  # type: ignore[
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fmdefense` console script."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")  # fmt: skip
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)

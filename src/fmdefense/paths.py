@@ -19,5 +19,5 @@ def weights_home() -> Path:
 
 
 def runs_home() -> Path:
-    """Root for run outputs such as attacks and reports (`$FMDEFENSE_RUNS`, default `<repo>/runs`)."""
+    """Root for run outputs: attacks, reports (`$FMDEFENSE_RUNS`, default `<repo>/runs`)."""
     return Path(os.environ.get("FMDEFENSE_RUNS", REPO_ROOT / "runs"))

@@ -14,9 +14,11 @@ def check_images(
     size: tuple[int, int] | None = None,
     name: str = "x",
 ) -> torch.Tensor:
-    """Return `x` if it is a float image batch (N, C, H, W) with values in [0, 1]; raise otherwise."""
+    """Return `x` if it is a float image batch (N, C, H, W) in [0, 1]; raise InputError if not."""
     if not isinstance(x, torch.Tensor):
-        raise InputError(f"{name} must be a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}")
+        raise InputError(
+            f"{name} must be a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}"
+        )
     if x.dim() != 4:
         raise InputError(f"{name} must have shape (N, C, H, W), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
@@ -41,7 +43,7 @@ def check_images(
 
 
 def check_labels(y: object, n: int, num_classes: int, name: str = "y") -> torch.Tensor:
-    """Return `y` if it is an int64-compatible label vector of length `n` within [0, num_classes)."""
+    """Return `y` as int64 if it is a label vector of length `n` within [0, num_classes)."""
     if not isinstance(y, torch.Tensor):
         raise InputError(f"{name} must be a torch.Tensor of labels, got {type(y).__name__}")
     if y.dim() != 1 or y.shape[0] != n:
@@ -49,5 +51,7 @@ def check_labels(y: object, n: int, num_classes: int, name: str = "y") -> torch.
     if y.is_floating_point() or y.dtype == torch.bool:
         raise InputError(f"{name} must hold integer labels, got dtype {y.dtype}")
     if n and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise InputError(f"{name} must lie in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]")
+        raise InputError(
+            f"{name} must lie in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]"
+        )
     return y.long()

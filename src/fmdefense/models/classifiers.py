@@ -41,14 +41,27 @@ class CWMnist(nn.Module):
         super().__init__()
         c = cfg.in_channels
         self.features = nn.Sequential(
-            nn.Conv2d(c, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
-        )  # fmt: skip
+            nn.Conv2d(c, 32, 3),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
         h, w = ((cfg.image_size[0] - 4) // 2 - 4) // 2, ((cfg.image_size[1] - 4) // 2 - 4) // 2
         self.head = nn.Sequential(
-            nn.Flatten(), nn.Linear(64 * h * w, 200), nn.ReLU(), nn.Dropout(0.5),
-            nn.Linear(200, 200), nn.ReLU(), nn.Linear(200, cfg.num_classes),
-        )  # fmt: skip
+            nn.Flatten(),
+            nn.Linear(64 * h * w, 200),
+            nn.ReLU(),
+            nn.Dropout(0.5),
+            nn.Linear(200, 200),
+            nn.ReLU(),
+            nn.Linear(200, cfg.num_classes),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, 28, 28) -> (B, 10)
         return self.head(self.features(x))
@@ -60,9 +73,12 @@ class BasicBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
-            nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out),
-        )  # fmt: skip
+            nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(),
+            nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(c_out),
+        )
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
             self.shortcut = nn.Sequential(
@@ -103,10 +119,14 @@ class SmallVGG(nn.Module):
         c_in = cfg.in_channels
         for c_out in (cfg.width, 2 * cfg.width, 4 * cfg.width, 8 * cfg.width):
             layers += [
-                nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
-                nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+                nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(),
+                nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(),
                 nn.MaxPool2d(2),
-            ]  # fmt: skip
+            ]
             c_in = c_out
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(
@@ -137,7 +157,9 @@ class Classifier(nn.Module):
     def __init__(self, cfg: ClassifierConfig) -> None:
         super().__init__()
         if cfg.arch not in ARCHITECTURES:
-            raise ArtifactError(f"unknown classifier arch {cfg.arch!r}; known: {list(ARCHITECTURES)}")
+            raise ArtifactError(
+                f"unknown classifier arch {cfg.arch!r}; known: {list(ARCHITECTURES)}"
+            )
         self.cfg = cfg
         self.net = ARCHITECTURES[cfg.arch](cfg)
 
@@ -156,15 +178,18 @@ class Classifier(nn.Module):
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
-        out = [self.net(x[i : i + batch_size].to(device)).argmax(1).cpu()
-               for i in range(0, len(x), batch_size)]  # fmt: skip
+        out = [
+            self.net(x[i : i + batch_size].to(device)).argmax(1).cpu()
+            for i in range(0, len(x), batch_size)
+        ]
         self.train(was_training)
         return torch.cat(out)
 
     def save(self, folder: Path, metrics: dict[str, Any] | None = None) -> None:
         """Write config.json + model.safetensors (+ metrics.json) atomically."""
-        save_artifact(folder, kind=KIND, config=asdict(self.cfg), tensors=self.state_dict(),
-                      metrics=metrics)  # fmt: skip
+        save_artifact(
+            folder, kind=KIND, config=asdict(self.cfg), tensors=self.state_dict(), metrics=metrics
+        )
 
     @classmethod
     def load(cls, folder: Path, device: str | torch.device = "cpu") -> Classifier:
@@ -183,5 +208,7 @@ class Classifier(nn.Module):
 def build_classifier(dataset: str) -> Classifier:
     """A fresh, untrained classifier with the default architecture for `dataset`."""
     if dataset not in DATASET_CLASSIFIERS:
-        raise ArtifactError(f"no classifier for dataset {dataset!r}; known: {list(DATASET_CLASSIFIERS)}")
+        raise ArtifactError(
+            f"no classifier for dataset {dataset!r}; known: {list(DATASET_CLASSIFIERS)}"
+        )
     return Classifier(DATASET_CLASSIFIERS[dataset])

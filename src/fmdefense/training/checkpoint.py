@@ -1,7 +1,7 @@
 """Artifacts on disk: one folder holding config.json, model.safetensors and metrics.json.
 
 Everything is written to a temporary name and renamed, so a killed run never leaves a half-written
-file. Nothing here unpickles: weights are safetensors, resume state is loaded with weights_only=True.
+file. Nothing here unpickles: weights are safetensors; resume state loads with weights_only=True.
 """
 
 from __future__ import annotations

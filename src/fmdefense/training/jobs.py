@@ -53,8 +53,10 @@ def run_train_classifier(
     """Train the dataset's classifier on its training split and save the artifact."""
     ds = load_raw(dataset, data_dir=data_dir)
     cfg = TRAIN_CONFIGS[dataset]
-    overrides = {k: v for k, v in {"epochs": epochs, "seed": seed}.items() if v is not None}
-    cfg = dataclasses.replace(cfg, **overrides)
+    if epochs is not None:
+        cfg = dataclasses.replace(cfg, epochs=epochs)
+    if seed is not None:
+        cfg = dataclasses.replace(cfg, seed=seed)
     model = build_classifier(dataset)
     t0 = time.perf_counter()
     result = train_classifier(
@@ -65,7 +67,7 @@ def run_train_classifier(
         "dataset": dataset,
         "test_accuracy": accuracy(model, x_test, y_test),
         "test_images": len(y_test),
-        "train_images": int(len(split_tensors(ds, "classifier_train")[1])),
+        "train_images": len(split_tensors(ds, "classifier_train")[1]),
         "train_seconds": time.perf_counter() - t0,
         **result,
         **provenance(),
@@ -83,5 +85,9 @@ def measure_classifier(
     folder = classifier_dir(dataset, weights)
     model = Classifier.load(folder, device)
     x, y = split_tensors(load_raw(dataset, data_dir=data_dir), "test")
-    return {"dataset": dataset, "weights": str(folder), "test_images": len(y),
-            "test_accuracy": accuracy(model, x, y)}  # fmt: skip
+    return {
+        "dataset": dataset,
+        "weights": str(folder),
+        "test_images": len(y),
+        "test_accuracy": accuracy(model, x, y),
+    }

@@ -36,12 +36,15 @@ class TrainConfig:
 
 TRAIN_CONFIGS: dict[str, TrainConfig] = {
     "mnist": TrainConfig(epochs=12, optimizer="adam", lr=1e-3, shift=2),
-    "fmnist": TrainConfig(epochs=15, optimizer="sgd", lr=0.1, weight_decay=5e-4, shift=2,
-                          hflip=True),  # fmt: skip
-    "orl": TrainConfig(epochs=80, batch_size=32, optimizer="adam", lr=1e-3, weight_decay=5e-4,
-                       shift=4, hflip=True),  # fmt: skip
-    "celeba": TrainConfig(epochs=30, optimizer="adam", lr=1e-3, weight_decay=5e-4, shift=4,
-                          hflip=True),  # fmt: skip
+    "fmnist": TrainConfig(
+        epochs=15, optimizer="sgd", lr=0.1, weight_decay=5e-4, shift=2, hflip=True
+    ),
+    "orl": TrainConfig(
+        epochs=80, batch_size=32, optimizer="adam", lr=1e-3, weight_decay=5e-4, shift=4, hflip=True
+    ),
+    "celeba": TrainConfig(
+        epochs=30, optimizer="adam", lr=1e-3, weight_decay=5e-4, shift=4, hflip=True
+    ),
 }
 
 
@@ -67,8 +70,13 @@ def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Te
 
 def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
-                               weight_decay=cfg.weight_decay)  # fmt: skip
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=cfg.lr,
+            momentum=0.9,
+            nesterov=True,
+            weight_decay=cfg.weight_decay,
+        )
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -107,14 +115,20 @@ def train_classifier(
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
         history, start = list(state["history"]), int(state["epoch"])
         log.info("resuming from epoch %d of %d (%s)", start, cfg.epochs, out_dir / RESUME_FILE)
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         model.train()
         total, correct, loss_sum = 0, 0, 0.0
-        bar = tqdm(_batches(len(x_train), cfg.batch_size, gen), total=steps_per_epoch,
-                   desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)  # fmt: skip
+        bar = tqdm(
+            _batches(len(x_train), cfg.batch_size, gen),
+            total=steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            leave=False,
+            disable=None,
+        )
         for idx in bar:
             xb = augment(x_train[idx], cfg.shift, cfg.hflip, gen).to(device)
             yb = y_train[idx].to(device)
@@ -128,15 +142,34 @@ def train_classifier(
             correct += int((logits.argmax(1) == yb).sum())
             loss_sum += loss.item() * len(idx)
             bar.set_postfix(loss=f"{loss_sum / total:.4f}", acc=f"{correct / total:.4f}")
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / total, "train_acc": correct / total,
-               "val_acc": accuracy(model, *val), "seconds": time.perf_counter() - t0}  # fmt: skip
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / total,
+            "train_acc": correct / total,
+            "val_acc": accuracy(model, *val),
+            "seconds": time.perf_counter() - t0,
+        }
         history.append(row)
-        log.info("epoch %d: loss %.4f train %.4f val %.4f (%.0f s)", row["epoch"],
-                 row["train_loss"], row["train_acc"], row["val_acc"], row["seconds"])  # fmt: skip
-        save_resume_state(out_dir, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "generator": gen.get_state(),
-            "history": history, "epoch": epoch + 1, "train_config": asdict(cfg),
-        })  # fmt: skip
+        log.info(
+            "epoch %d: loss %.4f train %.4f val %.4f (%.0f s)",
+            row["epoch"],
+            row["train_loss"],
+            row["train_acc"],
+            row["val_acc"],
+            row["seconds"],
+        )
+        save_resume_state(
+            out_dir,
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "generator": gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "history": history,
+                "epoch": epoch + 1,
+                "train_config": asdict(cfg),
+            },
+        )
     model.eval()
     return {"history": history, "train_config": asdict(cfg)}
