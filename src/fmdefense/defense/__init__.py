@@ -1,0 +1,1 @@
+"""FM-Defense: natural morphs, resistance, thresholds, purification and the detector."""

@@ -1,0 +1,204 @@
+"""FM-Defense engine: morph range rule, resistance, thresholds, eq. 5, the detector object."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fmdefense.defense.detector import (
+    ACCEPT,
+    PURIFY,
+    REJECT,
+    REJECT_LABEL,
+    FMDefense,
+    FMDefenseConfig,
+)
+from fmdefense.defense.morphs import MorphConfig, draw_table, morph_codes, natural_deltas
+from fmdefense.defense.ranges import normal_ranges
+from fmdefense.defense.thresholds import (
+    NEVER,
+    distance,
+    distance_threshold,
+    flags,
+    joint_thresholds,
+    per_code_thresholds,
+    thresholds,
+    unified_threshold,
+)
+from fmdefense.errors import ArtifactError, InputError, NotFittedError
+from tests.toys import ToyClassifier, ToyVAE, images
+
+CFG = MorphConfig(n_morphs=50, draws_per_iter=7, step_frac=0.05, max_iters=400, seed=3)
+
+
+def _deltas(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    return natural_deltas(values, lo, hi, draw_table(CFG, values.shape[1]), CFG)
+
+
+def test_morphs_stay_in_the_normal_range_and_fill_n() -> None:
+    values = torch.tensor([[0.0, 5.0], [0.9, -3.0], [-1.0, 0.0]])  # some start outside
+    lo, hi = torch.tensor([-1.0, -2.0]), torch.tensor([1.0, 2.0])
+    d = _deltas(values, lo, hi)
+    assert d.shape == (3, 2, 50)
+    v = values.unsqueeze(-1) + d
+    assert bool(((v >= lo.view(1, -1, 1) - 1e-6) & (v <= hi.view(1, -1, 1) + 1e-6)).all())
+
+
+def test_morph_search_widens_from_small_perturbations() -> None:
+    values, lo, hi = torch.zeros(1, 1), torch.tensor([-10.0]), torch.tensor([10.0])
+    d = _deltas(values, lo, hi)[0, 0]  # every draw is in range: iterations 1..ceil(50/7)
+    step = 20.0 * CFG.step_frac
+    for k in range(50):
+        assert abs(float(d[k])) <= step * (k // CFG.draws_per_iter + 1) + 1e-6
+
+
+def test_morphs_are_seeded_and_independent_of_the_batch() -> None:
+    lo, hi = torch.tensor([-1.0, -1.0]), torch.tensor([1.0, 1.0])
+    batch = torch.tensor([[0.1, 0.2], [0.5, -0.7], [-0.9, 0.0]])
+    alone = _deltas(batch[1:2], lo, hi)
+    together = _deltas(batch, lo, hi)
+    assert torch.equal(alone[0], together[1])
+    other = natural_deltas(batch, lo, hi, draw_table(MorphConfig(seed=4), 2), CFG)
+    assert not torch.equal(other, together)
+
+
+def test_morph_codes_shift_one_code_or_one_whole_channel() -> None:
+    codes = torch.zeros(2, 3)
+    out = morph_codes(codes, torch.tensor([2]), torch.ones(2, 1, 4))
+    assert out.shape == (2, 1, 4, 3) and bool((out[..., 2] == 1).all())
+    assert bool((out[..., :2] == 0).all())
+    maps = torch.zeros(2, 3, 2, 2)  # face variant: a code is a channel
+    out = morph_codes(maps, torch.tensor([1]), torch.full((2, 1, 4), 0.5))
+    assert bool((out[:, :, :, 1] == 0.5).all()) and float(out[:, :, :, [0, 2]].abs().sum()) == 0
+
+
+def test_normal_range_is_a_central_quantile_interval() -> None:
+    val = torch.arange(101, dtype=torch.float).view(-1, 1).repeat(1, 2)
+    lo, hi = normal_ranges(val, (0.1, 0.9))
+    assert torch.allclose(lo, torch.tensor([10.0, 10.0])) and torch.allclose(hi, torch.tensor(90.0))
+    lo, hi = normal_ranges(torch.zeros(10, 1), (0.1, 0.9), min_width=0.2)  # constant code
+    assert float(hi - lo) == pytest.approx(0.2)
+
+
+def test_resistance_matches_the_closed_form_of_the_toy() -> None:
+    clf, vae = ToyClassifier(), ToyVAE()
+    x_val = images([0.1 * i for i in range(1, 10)])
+    defense = FMDefense(clf, vae, FMDefenseConfig(n_morphs=40, rho=0.9)).fit(x_val)
+    x = images([0.45, 0.9, 0.52])
+    r = defense.resistance(x)
+    codes = vae.codes(x)
+    table = draw_table(defense.config.morph, 3)
+    d = natural_deltas(codes, defense.lo_, defense.hi_, table, defense.config.morph)
+    expected0 = (((codes[:, :1] + d[:, 0]) > 0.5) == (codes[:, :1] > 0.5)).float().mean(1)
+    assert torch.allclose(r[:, 0], expected0)
+    assert bool((r[:, 1:] == 1).all())  # codes that do not touch the decoded image
+    assert float(r[1, 0]) == 1.0 and float(r[0, 0]) < 1.0
+
+
+def test_per_code_thresholds_meet_the_val_target_with_ties() -> None:
+    r = torch.ones(100, 2)
+    r[:5, 0] = 0.9  # 5 % tied at 0.9 on code 0
+    r[5:7, 1] = 0.5  # 2 % at 0.5 on code 1
+    theta = per_code_thresholds(r, rho=0.99)
+    assert theta.tolist() == [NEVER, NEVER]  # flagging the tie would exceed 1 %
+    theta = per_code_thresholds(r, rho=0.95)
+    assert theta.tolist() == pytest.approx([0.9, 0.5])  # ties flagged: exactly 5 % and 2 %
+    assert int((r[:, 0] <= theta[0]).sum()) == 5
+    assert int(flags(r, theta).sum()) == 7  # the joint FPR grows with the number of codes
+
+
+@pytest.mark.parametrize("mode", ["per_code", "unified", "joint"])
+def test_val_false_positive_rate_meets_the_target(mode: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    r = (torch.rand(2000, 20, generator=gen) * 4).clamp(max=1).mul(100).round().div(100)
+    theta = thresholds(r, rho=0.95, mode=mode)
+    joint = int(flags(r, theta).sum())  # flagged VAL instances; the target allows 100
+    assert bool(((r <= theta).sum(0) <= 100).all())
+    if mode != "per_code":
+        assert joint <= 100
+    else:
+        assert joint > 100  # the paper's rule: joint FPR grows with m (reported, not hidden)
+
+
+def test_joint_thresholds_are_no_looser_than_unified_at_equal_fpr() -> None:
+    gen = torch.Generator().manual_seed(1)
+    r = (torch.rand(500, 5, generator=gen) * 3).clamp(max=1).mul(50).round().div(50)
+    assert int(flags(r, joint_thresholds(r, 0.9)).sum()) <= 50
+    assert unified_threshold(r, 0.9).unique().numel() == 1
+
+
+def test_distance_is_equation_5() -> None:
+    r = torch.tensor([[0.2, 0.9, 0.5], [1.0, 1.0, 1.0]])
+    theta = torch.tensor([0.5, 0.5, 0.5])
+    assert distance(r, theta).tolist() == pytest.approx([0.3, 0.0])
+    assert flags(r, theta).tolist() == [True, False]  # 0.5 ≤ 0.5: tie is suspicious, Dis 0
+
+
+def test_distance_threshold_is_the_eta_fractile_of_suspicious_val() -> None:
+    theta = torch.tensor([0.5])
+    r = torch.tensor([[0.4], [0.3], [0.1], [0.9], [1.0]])
+    assert distance_threshold(r, theta, 0.5) == pytest.approx(0.2)  # median of 0.1, 0.2, 0.4
+    assert distance_threshold(torch.ones(5, 1), theta, 0.9) == 0.0  # none suspicious
+
+
+def test_decisions_accept_purify_reject() -> None:
+    clf, vae = ToyClassifier(), ToyVAE()
+    x_val = images([0.05 * i for i in range(1, 20) if i != 10])
+    cfg = FMDefenseConfig(n_morphs=40, rho=0.9, eta=0.5, z_u_mode="class_mean")
+    defense = FMDefense(clf, vae, cfg).fit(x_val)
+    x = images([0.95, 0.51, 0.49, 0.3])
+    dec = defense.decide(x)
+    assert dec.action.shape == (4,) and dec[0].action == "accept" and dec[0].label == 1
+    for i in range(4):
+        a = int(dec.action[i])
+        if a == REJECT:
+            assert int(dec.label[i]) == REJECT_LABEL
+        elif a == PURIFY:
+            assert int(dec.label[i]) == int(defense.purify(x[i : i + 1])[0])
+        else:
+            assert a == ACCEPT and int(dec.label[i]) == int(dec.input_label[i])
+    assert sum(dec.counts().values()) == 4
+    assert torch.equal(defense.predict(x), dec.label)
+
+
+def test_save_load_reproduces_decisions_exactly(tmp_path: Path) -> None:
+    clf, vae = ToyClassifier(), ToyVAE()
+    x_val = images([0.05 * i for i in range(1, 20)])
+    defense = FMDefense(clf, vae, FMDefenseConfig(n_morphs=30, rho=0.9, codes=(0, 1))).fit(x_val)
+    defense.save(tmp_path / "d")
+    back = FMDefense.load(tmp_path / "d", clf, vae)
+    x = images([0.48, 0.52, 0.7, 0.1])
+    a, b = defense.decide(x), back.decide(x)
+    assert torch.equal(a.resistance, b.resistance) and torch.equal(a.label, b.label)
+    assert torch.equal(a.action, b.action) and back.z_u_mode_ == defense.z_u_mode_
+    other = ToyClassifier()
+    with torch.no_grad():
+        other.scale.fill_(3.0)
+    with pytest.raises(ArtifactError, match="another classifier"):
+        FMDefense.load(tmp_path / "d", other, vae)
+
+
+def test_detect_before_fit_and_bad_inputs_raise() -> None:
+    defense = FMDefense(ToyClassifier(), ToyVAE(), FMDefenseConfig(n_morphs=10))
+    with pytest.raises(NotFittedError, match="fit"):
+        defense.detect(images([0.5]))
+    defense.fit(images([0.2, 0.4, 0.6, 0.8]))
+    with pytest.raises(InputError, match="NaN"):
+        defense.detect(images([float("nan")]))
+    with pytest.raises(InputError, match=r"\[0, 1\]"):
+        defense.detect(images([2.0]))
+    with pytest.raises(InputError, match="4x4"):
+        defense.detect(torch.rand(2, 1, 5, 5))
+    with pytest.raises(InputError, match="threshold_mode"):
+        FMDefenseConfig(threshold_mode="median")
+    with pytest.raises(InputError, match="code indices"):
+        FMDefense(ToyClassifier(), ToyVAE(), FMDefenseConfig(codes=(7,))).fit(images([0.2]))
+
+
+def test_auto_code_selection_uses_val_only_and_skips_inert_codes() -> None:
+    x_val = images([0.05 * i for i in range(1, 20)])
+    cfg = FMDefenseConfig(n_morphs=30, codes="auto", n_auto_codes=1, rho=0.9)
+    defense = FMDefense(ToyClassifier(), ToyVAE(), cfg).fit(x_val)
+    assert defense.code_idx_.tolist() == [0]  # the only code that changes anything
