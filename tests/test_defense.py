@@ -202,3 +202,26 @@ def test_auto_code_selection_uses_val_only_and_skips_inert_codes() -> None:
     cfg = FMDefenseConfig(n_morphs=30, codes="auto", n_auto_codes=1, rho=0.9)
     defense = FMDefense(ToyClassifier(), ToyVAE(), cfg).fit(x_val)
     assert defense.code_idx_.tolist() == [0]  # the only code that changes anything
+
+
+def test_resistance_resumes_from_finished_chunks(tmp_path: Path) -> None:
+    clf, vae = ToyClassifier(), ToyVAE()
+    cfg = FMDefenseConfig(n_morphs=20, rho=0.9, chunk_size=2)
+    defense = FMDefense(clf, vae, cfg).fit(images([0.1, 0.3, 0.6, 0.9]))
+    x = images([0.45, 0.9, 0.52, 0.2, 0.55])
+    full = defense.resistance(x, cache_dir=tmp_path / "r")
+    chunks = sorted((tmp_path / "r").glob("chunk-*.safetensors"))
+    assert len(chunks) == 3
+    chunks[1].unlink()  # as if killed while computing the second chunk
+    calls = {"n": 0}
+    original = defense._chunk_resistance
+
+    def counting(*args: object) -> torch.Tensor:
+        calls["n"] += 1
+        return original(*args)  # type: ignore[arg-type]
+
+    defense._chunk_resistance = counting  # type: ignore[method-assign]
+    again = defense.resistance(x, cache_dir=tmp_path / "r")
+    assert calls["n"] == 1 and torch.equal(full, again)
+    with pytest.raises(ArtifactError, match="another run"):
+        defense.resistance(x[:3], cache_dir=tmp_path / "r")

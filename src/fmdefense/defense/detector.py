@@ -19,8 +19,8 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from fmdefense.chunks import chunked
 from fmdefense.defense.morphs import MorphConfig, draw_table, natural_deltas
 from fmdefense.defense.purifier import Z_U_MODES, purified_labels
 from fmdefense.defense.ranges import code_values, normal_ranges
@@ -132,6 +132,13 @@ class Decision:
         return {name: int((self.action == k).sum()) for k, name in enumerate(ACTIONS)}
 
 
+def fingerprint_tensor(x: torch.Tensor) -> str:
+    """SHA-256 of a tensor's values and shape (identifies an input set for resumable caches)."""
+    h = hashlib.sha256(str(tuple(x.shape)).encode())
+    h.update(x.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def fingerprint(module: Any) -> str:
     """SHA-256 of a module's weights, to tie a calibration to the models it was fitted on."""
     h = hashlib.sha256()
@@ -195,12 +202,34 @@ class FMDefense:
         )
 
     def _resistance(
-        self, x: torch.Tensor, code_idx: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+        self,
+        x: torch.Tensor,
+        code_idx: torch.Tensor,
+        lo: torch.Tensor,
+        hi: torch.Tensor,
+        cache_dir: Path | None = None,
     ) -> torch.Tensor:
-        step = self.config.chunk_size
-        chunks = range(0, len(x), step)
-        bar = tqdm(chunks, desc="morphs", unit="chunk", leave=False, disable=None)
-        return torch.cat([self._chunk_resistance(x[i : i + step], code_idx, lo, hi) for i in bar])
+        """Resistance (n, m) chunk by chunk; with `cache_dir` finished chunks are kept/reused."""
+        key = None
+        if cache_dir is not None:
+            key = {
+                "morph": asdict(self.config.morph),
+                "codes": code_idx.tolist(),
+                "lo": lo.tolist(),
+                "hi": hi.tolist(),
+                "input": fingerprint_tensor(x),
+                "classifier": fingerprint(self.classifier),
+                "vae": fingerprint(self.vae),
+                "precision": self.config.precision,
+            }
+
+        def compute(start: int, stop: int) -> dict[str, torch.Tensor]:
+            return {"r": self._chunk_resistance(x[start:stop], code_idx, lo, hi)}
+
+        out = chunked(
+            len(x), self.config.chunk_size, cache_dir, compute, config=key, desc="resistance"
+        )
+        return out["r"]
 
     @property
     def _table(self) -> torch.Tensor:
@@ -210,18 +239,23 @@ class FMDefense:
 
     # ------------------------------------------------------------------ fit
 
-    def fit(self, x_val: torch.Tensor, y_val: torch.Tensor | None = None) -> FMDefense:
+    def fit(
+        self,
+        x_val: torch.Tensor,
+        y_val: torch.Tensor | None = None,
+        cache_dir: Path | None = None,
+    ) -> FMDefense:
         """Calibrate on clean VAL images: ranges, codes, θ_r, θ_d and the z_u reading.
 
         `y_val` (true labels) is only used to choose the z_u reading when z_u_mode is "auto";
-        without it the purified label is compared with C(x).
+        without it the purified label is compared with C(x). `cache_dir` makes it resumable.
         """
         x_val = self._check(x_val)
         cfg = self.config
         codes, _ = self._latents(x_val)
         self.lo_, self.hi_ = normal_ranges(codes, cfg.range_quantiles)
         all_idx = torch.arange(self.vae.num_codes)
-        r_all = self._resistance(x_val, all_idx, self.lo_, self.hi_)  # (n, M)
+        r_all = self._resistance(x_val, all_idx, self.lo_, self.hi_, cache_dir)  # (n, M)
         self.code_idx_ = self._select_codes(r_all)
         self.val_resistance_ = r_all[:, self.code_idx_]
         self.theta_ = thresholds(self.val_resistance_, cfg.rho, cfg.threshold_mode)
@@ -298,11 +332,11 @@ class FMDefense:
                 self.config.batch_size,
             )
 
-    def resistance(self, x: torch.Tensor) -> torch.Tensor:
-        """Resistance vectors (n, m) in [0, 1] over the selected codes."""
+    def resistance(self, x: torch.Tensor, cache_dir: Path | None = None) -> torch.Tensor:
+        """Resistance vectors (n, m) in [0, 1] over the selected codes (resumable with a cache)."""
         self._require_fit()
         x = self._check(x)
-        return self._resistance(x, self.code_idx_, self.lo_, self.hi_)
+        return self._resistance(x, self.code_idx_, self.lo_, self.hi_, cache_dir)
 
     def detect(self, x: torch.Tensor) -> torch.Tensor:
         """Suspicious inputs (n,) bool: some r_i ≤ θ_i."""
@@ -313,9 +347,9 @@ class FMDefense:
         self._require_fit()
         return self._purified(self._check(x), self.z_u_mode_)
 
-    def decide(self, x: torch.Tensor) -> Decision:
+    def decide(self, x: torch.Tensor, cache_dir: Path | None = None) -> Decision:
         """Accept (label C(x)), purify (label C(D(E_s(x) ⊕ z_u))) or reject each input."""
-        r = self.resistance(x)
+        r = self.resistance(x, cache_dir)
         return self.decide_from_resistance(x, r)
 
     def decide_from_resistance(self, x: torch.Tensor, r: torch.Tensor) -> Decision:
