@@ -28,8 +28,8 @@ data: setup $(FMNIST_DIR)/train-images-idx3-ubyte.gz
 	$(PY) -m fmdefense data fetch --dataset mnist fmnist orl
 
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check $(wildcard src tests benchmarks)
+	$(VENV)/bin/ruff format --check $(wildcard src tests benchmarks)
 
 typecheck: setup
 	$(VENV)/bin/mypy
