@@ -68,6 +68,31 @@ def _train_classifier(args: argparse.Namespace) -> None:
     print(f"{args.dataset}: test accuracy {metrics['test_accuracy']:.4f} -> {out}")
 
 
+def _train_vae(args: argparse.Namespace) -> None:
+    from fmdefense.training.vae import run_train_vae
+
+    out = args.out or Path("runs") / args.dataset / "combo_vae"
+    overrides = {
+        k: v
+        for k, v in {
+            "epochs_dgmm": args.epochs_dgmm,
+            "epochs_vae": args.epochs_vae,
+            "gamma": args.gamma,
+            "seed": args.seed,
+            "limit": args.limit,
+        }.items()
+        if v is not None
+    }
+    m = run_train_vae(
+        args.dataset, out, resolve_device(args.device), overrides=overrides, data_dir=args.data_dir
+    )
+    print(
+        f"{args.dataset} combo-VAE: recon MSE/pixel {m['recon_mse_per_pixel']:.4f}, "
+        f"DGMM accuracy {m['dgmm_test_accuracy']:.4f}, C on reconstructions "
+        f"{m.get('classifier_accuracy_on_reconstructions')} -> {out}"
+    )
+
+
 def _evaluate_classifier(args: argparse.Namespace) -> None:
     from fmdefense.training.jobs import measure_classifier
 
@@ -116,6 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     _common(p)
     p.set_defaults(func=_train_classifier)
+
+    p = train.add_parser("vae", help="train a combo-VAE in two stages (resumes when interrupted)")
+    p.add_argument("--dataset", choices=DATASETS, required=True)
+    p.add_argument("--out", type=Path, default=None, help="artifact folder (runs/D/combo_vae)")
+    p.add_argument("--epochs-dgmm", type=int, default=None)
+    p.add_argument("--epochs-vae", type=int, default=None)
+    p.add_argument("--gamma", type=float, default=None, help="TC weight (paper: 40; 0: no TC)")
+    p.add_argument("--limit", type=int, default=None, help="use only N training images")
+    p.add_argument("--seed", type=int, default=None)
+    _common(p)
+    p.set_defaults(func=_train_vae)
 
     ev = sub.add_parser("evaluate", help="measure artifacts").add_subparsers(
         dest="what", required=True

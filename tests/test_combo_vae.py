@@ -1,0 +1,137 @@
+"""Combo-VAE: shapes, loss terms against hand-computed cases, safe update order, artifacts."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from fmdefense.errors import InputError
+from fmdefense.models.combo_vae import DATASET_VAES, ComboVAE, TCDiscriminator
+from fmdefense.models.losses import (
+    discriminator_loss,
+    kl_normal,
+    lgm_loss,
+    permute_dims,
+    tc_estimate,
+)
+from fmdefense.training.vae import vae_step
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "orl"])
+@torch.no_grad()
+def test_public_methods_have_the_documented_shapes(dataset: str) -> None:
+    cfg = DATASET_VAES[dataset]
+    vae = ComboVAE(cfg).eval()
+    x = torch.rand(3, cfg.in_channels, *cfg.image_size)
+    z_s, z_u = vae.encode(x)
+    codes = vae.codes(x)
+    assert tuple(z_u.shape) == (3, cfg.z_u_dim)
+    if cfg.variant == "vector":
+        assert tuple(z_s.shape) == (3, cfg.z_s_dim) and tuple(codes.shape) == (3, vae.num_codes)
+        assert torch.allclose(vae.decode_codes(codes), vae.decode(z_s, z_u))
+    else:
+        n = cfg.map_size
+        assert tuple(z_s.shape) == (3, cfg.z_s_dim, n, n) and codes.shape[1] == vae.num_codes
+        with pytest.raises(InputError, match="needs z_u"):
+            vae.decode_codes(codes)
+    for mode in ("feature", "class_mean"):
+        recon = vae.reconstruct(x, z_u_mode=mode)
+        assert recon.shape == x.shape and float(recon.min()) >= 0 and float(recon.max()) <= 1
+
+
+def test_lgm_loss_matches_a_hand_computed_case() -> None:
+    z = torch.tensor([[1.0, 0.0]])
+    means = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+    log_vars = torch.tensor([[0.0, 0.0], [math.log(4.0), 0.0]])
+    y = torch.tensor([0])
+    # d_0 = ½·1 = 0.5; d_1 = ½·(1/4) = 0.125; margin 0.1 on the true class: 0.55
+    # logits: −0.55 − 0, −0.125 − ½·log 4
+    l0, l1 = -0.55, -0.125 - 0.5 * math.log(4.0)
+    l_cls = -(l0 - math.log(math.exp(l0) + math.exp(l1)))
+    l_lkd = 0.5  # d_0 + ½·log|Σ_0| = 0.5 + 0
+    total, cls, lkd = lgm_loss(z, y, means, log_vars, margin=0.1, lambda_lkd=0.1)
+    assert float(cls) == pytest.approx(l_cls, rel=1e-6)
+    assert float(lkd) == pytest.approx(l_lkd, rel=1e-6)
+    assert float(total) == pytest.approx(l_cls + 0.1 * l_lkd, rel=1e-6)
+
+
+def test_kl_of_the_prior_is_zero() -> None:
+    assert float(kl_normal(torch.zeros(4), torch.zeros(4)).sum()) == 0.0
+    assert float(kl_normal(torch.tensor([1.0]), torch.tensor([0.0]))) == pytest.approx(0.5)
+
+
+def test_permute_dims_keeps_each_column_and_breaks_rows() -> None:
+    z = torch.arange(40.0).view(20, 2)
+    p = permute_dims(z, torch.Generator().manual_seed(0))
+    for j in range(2):
+        assert sorted(p[:, j].tolist()) == sorted(z[:, j].tolist())
+    assert not torch.equal(p, z)
+
+
+def test_tc_estimate_and_discriminator_loss_on_known_logits() -> None:
+    d = torch.tensor([[2.0, 0.0], [1.0, 1.0]])  # log D/(1−D) = logit difference: 2 and 0
+    assert float(tc_estimate(d)) == pytest.approx(1.0)
+    perfect = discriminator_loss(torch.tensor([[20.0, 0.0]]), torch.tensor([[0.0, 20.0]]))
+    assert float(perfect) < 1e-6
+
+
+def _encoder_grads_after_step(with_disc: bool) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    vae = ComboVAE(DATASET_VAES["mnist"])
+    vae.dgmm.requires_grad_(False)
+    x = torch.rand(16, 1, 28, 28)
+    disc = TCDiscriminator(10) if with_disc else None
+    opt_vae = torch.optim.Adam([*vae.encoder.parameters(), *vae.decoder.parameters()], lr=1e-3)
+    opt_tc = torch.optim.Adam(disc.parameters(), lr=1e-3) if disc is not None else None
+    dgmm_before = {k: v.clone() for k, v in vae.dgmm.state_dict().items()}
+    torch.manual_seed(1)
+    batch = x if with_disc else x[:8]  # with D_tc the VAE loss uses the first half
+    vae_step(vae, disc, batch, 0.0, 1.0, opt_vae, opt_tc, torch.Generator().manual_seed(0))
+    assert all(torch.equal(v, dgmm_before[k]) for k, v in vae.dgmm.state_dict().items())
+    if disc is not None:
+        assert all(p.grad is not None for p in disc.parameters())  # D_tc did learn
+    return [p.grad.clone() for p in vae.encoder.parameters() if p.grad is not None]
+
+
+def test_stage2_step_leaks_no_discriminator_gradient_into_the_encoder() -> None:
+    """With γ = 0, the encoder's gradient is the same whether or not D_tc trains beside it."""
+    with_disc = _encoder_grads_after_step(True)  # runs without the "inplace operation" error
+    without = _encoder_grads_after_step(False)
+    assert len(with_disc) == len(without) > 0
+    for a, b in zip(with_disc, without, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_discriminator_loss_alone_reaches_no_encoder_parameter() -> None:
+    vae = ComboVAE(DATASET_VAES["mnist"])
+    disc = TCDiscriminator(10)
+    x = torch.rand(8, 1, 28, 28)
+    mu, logvar = vae.encoder(x)
+    z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+    loss = discriminator_loss(disc(z.detach()[:4]), disc(permute_dims(z.detach()[4:])))
+    loss.backward()
+    assert all(p.grad is None for p in vae.encoder.parameters())
+    assert all(p.grad is not None for p in disc.parameters())
+
+
+def test_save_load_gives_identical_reconstructions(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    vae = ComboVAE(DATASET_VAES["orl"]).eval()
+    x = torch.rand(2, 1, 64, 64)
+    vae.save(tmp_path / "v", {"note": 1})
+    back = ComboVAE.load(tmp_path / "v")
+    for mode in ("feature", "class_mean"):
+        assert torch.equal(vae.reconstruct(x, mode), back.reconstruct(x, mode))
+
+
+def test_bad_inputs_raise() -> None:
+    vae = ComboVAE(DATASET_VAES["mnist"])
+    with pytest.raises(InputError, match="NaN"):
+        vae.encode(torch.full((1, 1, 28, 28), float("nan")))
+    with pytest.raises(InputError, match="28x28"):
+        vae.codes(torch.rand(1, 1, 64, 64))
+    with pytest.raises(InputError, match="z_u_mode"):
+        vae.reconstruct(torch.rand(1, 1, 28, 28), "median")
