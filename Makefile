@@ -43,7 +43,7 @@ demo: data
 	$(PY) -m fmdefense evaluate classifier --dataset mnist fmnist orl
 
 bench: setup
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/morph_throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,108 @@
+"""Morph-engine throughput: morphs/s and instances/s for the paper config (MNIST, m = 20 codes,
+N = 100 morphs), with the ratio to this machine's measured fp32 GEMM rate.
+
+    .venv/bin/python benchmarks/morph_throughput.py [--instances 32] [--device auto]
+
+Uses the shipped MNIST classifier and combo-VAE (random weights of the same shape if absent:
+throughput does not depend on the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch import nn
+
+from fmdefense.defense.detector import FMDefense, FMDefenseConfig
+from fmdefense.defense.jobs import vae_dir
+from fmdefense.device import resolve_device
+from fmdefense.models.classifiers import Classifier, build_classifier
+from fmdefense.models.combo_vae import DATASET_VAES, ComboVAE
+from fmdefense.training.jobs import classifier_dir
+
+
+def count_macs(module: nn.Module, *inputs: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass (Conv, ConvTranspose, Linear layers)."""
+    total = 0
+
+    def hook(m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(m, nn.Linear):
+            total += m.in_features * m.out_features * (out.numel() // m.out_features)
+        elif isinstance(m, nn.Conv2d):
+            k = m.kernel_size[0] * m.kernel_size[1] * m.in_channels // m.groups
+            total += out.numel() * k
+        elif isinstance(m, nn.ConvTranspose2d):
+            k = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            total += inp[0].numel() * k
+
+    handles = [m.register_forward_hook(hook) for m in module.modules()]
+    with torch.inference_mode():
+        module(*inputs)
+    for h in handles:
+        h.remove()
+    return total
+
+
+def gemm_gflops(device: torch.device, n: int = 2048, reps: int = 10) -> float:
+    """Measured fp32 matrix-multiply rate (GFLOP/s) on `device`."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def load(device: torch.device) -> tuple[Classifier, ComboVAE, str]:
+    try:
+        clf = Classifier.load(classifier_dir("mnist"), device)
+        vae = ComboVAE.load(vae_dir("mnist"), device)
+        return clf, vae, "shipped weights"
+    except Exception:
+        clf = build_classifier("mnist").to(device).eval()
+        return clf, ComboVAE(DATASET_VAES["mnist"]).to(device).eval(), "random weights"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--instances", type=int, default=32)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=512)
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    clf, vae, source = load(device)
+    x = torch.rand(256, 1, 28, 28)
+    macs = count_macs(
+        vae.decoder, torch.zeros(1, 10, device=device), torch.zeros(1, 10, device=device)
+    ) + count_macs(clf, torch.zeros(1, 1, 28, 28, device=device))
+    peak = gemm_gflops(device)
+    print(f"device {device}, {torch.get_num_threads()} threads, {source}")
+    print(f"one morph (decode + classify): {macs / 1e6:.2f} M MACs = {2 * macs / 1e6:.1f} MFLOP")
+    print(f"measured fp32 GEMM: {peak:.0f} GFLOP/s")
+    for precision in ("fp32", "bf16"):
+        cfg = FMDefenseConfig(
+            n_morphs=100, rho=0.999, precision=precision, batch_size=args.batch_size
+        )
+        defense = FMDefense(clf, vae, cfg).fit(x)
+        xs = torch.rand(args.instances, 1, 28, 28)
+        defense.resistance(xs[:4])  # warm-up
+        t0 = time.perf_counter()
+        defense.resistance(xs)
+        sec = time.perf_counter() - t0
+        morphs = args.instances * vae.num_codes * cfg.n_morphs
+        rate = morphs / sec
+        gflops = rate * 2 * macs / 1e9
+        print(
+            f"{precision}: {rate:,.0f} morphs/s, {args.instances / sec:.2f} instances/s "
+            f"(m = {vae.num_codes}, N = {cfg.n_morphs}); {gflops:.0f} GFLOP/s = "
+            f"{gflops / peak:.2f} × fp32 GEMM rate"
+        )
+
+
+if __name__ == "__main__":
+    main()
