@@ -38,6 +38,7 @@ from fmdefense.models.losses import (
 )
 from fmdefense.training.checkpoint import load_resume_state, save_resume_state
 from fmdefense.training.jobs import classifier_dir, provenance
+from fmdefense.training.loops import augment
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class VAETrainConfig:
     gamma_warmup_epochs: int = 5  # γ grows linearly over these epochs
     kl_warmup_epochs: int = 5  # β of L_KL grows 0 → 1 (prevents early collapse of z_s)
     margin: float = 0.1  # L-GM margin α
+    dgmm_shift: int = 2  # random ±px shifts while training DGMM (it is a classifier too)
     lambda_lkd: float = 0.1
     seed: int = 0
     limit: int | None = None  # use only the first `limit` training images (smoke runs)
@@ -65,7 +67,12 @@ VAE_TRAIN_CONFIGS: dict[str, VAETrainConfig] = {
     "mnist": VAETrainConfig(),
     "fmnist": VAETrainConfig(),
     "orl": VAETrainConfig(
-        epochs_dgmm=60, epochs_vae=150, batch_size=32, gamma=0.0, kl_warmup_epochs=30
+        epochs_dgmm=60,
+        epochs_vae=150,
+        batch_size=32,
+        gamma=0.0,
+        kl_warmup_epochs=30,
+        dgmm_shift=4,
     ),
 }
 
@@ -118,7 +125,8 @@ def train_dgmm(
             leave=False,
             disable=None,
         ):
-            xb, yb = x[idx].to(device), y[idx].to(device)
+            xb = augment(x[idx], cfg.dgmm_shift, False, gen).to(device)
+            yb = y[idx].to(device)
             z = dgmm(xb)
             loss, _, l_lkd = lgm_loss(
                 z, yb, dgmm.means, dgmm.log_vars, margin=cfg.margin, lambda_lkd=cfg.lambda_lkd

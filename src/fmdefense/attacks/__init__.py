@@ -1,0 +1,1 @@
+"""Attacks: Foolbox adapters (FGSM, DeepFool-L∞, CW-L2) and stored adversarial sets."""
