@@ -160,9 +160,9 @@ class Decoder(nn.Module):
                 nn.Unflatten(1, (2 * w, 7, 7)),
                 nn.ConvTranspose2d(2 * w, w, 4, 2, 1),
                 _act(),  # 14×14
-                nn.ConvTranspose2d(w, w, 4, 2, 1),
-                _act(),  # 28×28
-                nn.Conv2d(w, cfg.in_channels, 3, 1, 1),
+                nn.ConvTranspose2d(w, w // 2, 4, 2, 1),
+                _act(),  # 28×28, half width: this layer dominates the cost of a morph
+                nn.Conv2d(w // 2, cfg.in_channels, 3, 1, 1),
                 nn.Sigmoid(),
             )
         else:
