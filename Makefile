@@ -41,6 +41,7 @@ test: lint typecheck unit
 
 demo: data
 	$(PY) -m fmdefense evaluate classifier --dataset mnist fmnist orl
+	$(PY) -m fmdefense reproduce --dataset mnist --profile quick
 
 bench: setup
 	$(PY) benchmarks/morph_throughput.py

@@ -126,6 +126,23 @@ def _attack(args: argparse.Namespace) -> None:
     )
 
 
+def _reproduce(args: argparse.Namespace) -> None:
+    from fmdefense.evaluation.pipeline import ATTACKS, run_reproduce
+
+    chosen = (
+        ATTACKS
+        if args.attacks is None
+        else tuple(a for a in ATTACKS if a[0] in args.attacks or "-".join(a) in args.attacks)
+    )
+    run = args.out or Path("runs") / args.dataset / f"reproduce-{args.profile}"
+    results = run_reproduce(
+        args.dataset, args.profile, run, resolve_device(args.device), attacks=chosen
+    )
+    for name, row in results["table2"].items():
+        print(f"{name:>16}: no defense {row['no_defense']:.4f}  FM-Defense {row['fm_defense']:.4f}")
+    print(f"report: {run / 'report.md'} ({results['meta']['seconds']:.0f} s)")
+
+
 def _evaluate_classifier(args: argparse.Namespace) -> None:
     from fmdefense.training.jobs import measure_classifier
 
@@ -196,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier", type=Path, default=None, help="classifier artifact folder")
     _common(p)
     p.set_defaults(func=_attack)
+
+    p = sub.add_parser("reproduce", help="the paper's evaluation end to end (resumable)")
+    p.add_argument("--dataset", choices=("mnist", "fmnist", "orl"), default="mnist")
+    p.add_argument("--profile", choices=("quick", "paper"), default="quick")
+    p.add_argument("--attacks", nargs="+", default=None, help="subset: fgsm deepfool_linf cw_l2")
+    p.add_argument("--out", type=Path, default=None, help="run folder (runs/D/reproduce-P)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:N]")
+    p.set_defaults(func=_reproduce)
 
     ev = sub.add_parser("evaluate", help="measure artifacts").add_subparsers(
         dest="what", required=True

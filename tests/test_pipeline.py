@@ -1,0 +1,44 @@
+"""`fmdefense reproduce` on a tiny profile with the shipped MNIST models: report = results,
+and a re-run after a kill reuses every finished stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import fmdefense.evaluation.pipeline as pipeline
+from fmdefense.defense.detector import FMDefense
+from fmdefense.evaluation.report import table2_markdown
+
+TINY = {"n_val": 24, "n_cle": 12, "n_morphs": 4}
+ATTACKS = (("fgsm", "default"),)
+
+
+def _run(run: Path) -> dict:
+    return pipeline.run_reproduce(
+        "mnist", "quick", run, torch.device("cpu"), attacks=ATTACKS, overrides=TINY
+    )
+
+
+def test_report_table_equals_results_and_a_rerun_reuses_stages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = _run(tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert table2_markdown(saved["table2"], "mnist") in report
+    assert saved["table2"]["fgsm"]["n"] == 12 and saved["meta"]["counts"]["VAL"] == 24
+    for name in ("figure1", "figure4", "figure5", "figure6", "roc"):
+        assert (tmp_path / "run" / f"{name}.png").is_file()
+
+    def must_not_run(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a finished stage was recomputed")
+
+    monkeypatch.setattr(pipeline, "attack_set", must_not_run)
+    monkeypatch.setattr(FMDefense, "fit", must_not_run)
+    monkeypatch.setattr(FMDefense, "resistance", must_not_run)
+    again = _run(tmp_path / "run")
+    assert again["table2"] == first["table2"]
