@@ -70,6 +70,16 @@ def render(results: dict[str, Any]) -> str:
         "",
         table2_markdown(results["table2"], meta["dataset"]),
         "",
+        f"Joint VAL false-positive rate at these thresholds: {_pct(results['joint_val_fpr'])} "
+        f"(per-code target {_pct(1 - meta['defense']['rho'])}).",
+        "",
+        "### A second operating point: joint thresholds, VAL false positives ≤ 5 %",
+        "",
+        table2_markdown(
+            {k: v for k, v in results["table2_joint_fpr_5pct"].items() if k != "thresholds"},
+            meta["dataset"],
+        ),
+        "",
         "## Accept / purify / reject",
         "",
         "| set | accept | purify | reject |",
