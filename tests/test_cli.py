@@ -48,3 +48,44 @@ def test_missing_weights_is_a_one_line_error(
 def test_unknown_device_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["evaluate", "classifier", "--device", "tpu"]) == 2
     assert "unknown device" in _one_line_error(capsys)
+
+
+def test_calibrate_then_defend_a_clean_set(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Shipped MNIST models: calibrate on 30 VAL images, then decide on 10 CLE images."""
+    args = ["--dataset", "mnist", "--device", "cpu"]
+    code = main(
+        [
+            "calibrate",
+            *args,
+            "--val-limit",
+            "30",
+            "--n-morphs",
+            "4",
+            "--rho",
+            "0.9",
+            "--out",
+            str(tmp_path / "d"),
+        ]
+    )
+    assert code == 0 and (tmp_path / "d" / "config.json").is_file()
+    code = main(
+        [
+            "defend",
+            *args,
+            "--input",
+            "clean",
+            "--limit",
+            "10",
+            "--defense",
+            str(tmp_path / "d"),
+            "--out",
+            str(tmp_path / "dec"),
+        ]
+    )
+    assert code == 0
+    metrics = json.loads((tmp_path / "dec" / "metrics.json").read_text())
+    shares = metrics["accept_share"] + metrics["purify_share"] + metrics["reject_share"]
+    assert metrics["inputs"] == 10 and abs(shares - 1) < 1e-9
+    assert "inputs: accept" in capsys.readouterr().out

@@ -8,11 +8,15 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fmdefense.device import resolve_device
 from fmdefense.errors import FMDefenseError
+
+if TYPE_CHECKING:
+    from fmdefense.defense.detector import FMDefenseConfig
 
 log = logging.getLogger("fmdefense")
 DATASETS = ("mnist", "fmnist", "orl", "celeba")
@@ -143,6 +147,67 @@ def _reproduce(args: argparse.Namespace) -> None:
     print(f"report: {run / 'report.md'} ({results['meta']['seconds']:.0f} s)")
 
 
+def _defense_config(args: argparse.Namespace) -> FMDefenseConfig:
+    from fmdefense.defense.detector import FMDefenseConfig
+
+    codes: str | tuple[int, ...] = args.codes
+    if args.codes not in ("all", "auto"):
+        codes = tuple(int(c) for c in args.codes.split(","))
+    return FMDefenseConfig(
+        codes=codes,
+        n_morphs=args.n_morphs,
+        rho=args.rho,
+        eta=args.eta,
+        threshold_mode=args.threshold_mode,
+        precision=args.precision,
+    )
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    from fmdefense.defense.jobs import run_calibrate
+
+    out = args.out or Path("runs") / args.dataset / "defense"
+    d = run_calibrate(
+        args.dataset,
+        out,
+        resolve_device(args.device),
+        _defense_config(args),
+        val_limit=args.val_limit,
+        data_dir=args.data_dir,
+    )
+    print(
+        f"calibrated on VAL: {len(d.code_idx_)} codes, VAL false-positive rate {d.val_fpr_:.4f}, "
+        f"θ_d {d.theta_d_:.3f}, z_u {d.z_u_mode_} -> {out}"
+    )
+
+
+def _defend(args: argparse.Namespace) -> None:
+    from fmdefense.attacks.runner import load_adversarial_set
+    from fmdefense.data import load_raw, split_tensors
+    from fmdefense.defense.jobs import load_defense, run_defend
+
+    device = resolve_device(args.device)
+    defense = load_defense(
+        args.defense or Path("runs") / args.dataset / "defense", args.dataset, device
+    )
+    if args.input == "clean":
+        x, y = split_tensors(load_raw(args.dataset, data_dir=args.data_dir), "cle")
+        source = {"set": "CLE"}
+    else:
+        adv = load_adversarial_set(Path(args.input))
+        x, y, source = adv.x_adv, adv.y_true, {"set": str(args.input), **adv.config}
+    if args.limit is not None:
+        x, y = x[: args.limit], y[: args.limit]
+    name = "clean" if args.input == "clean" else Path(args.input).name
+    out = args.out or Path("runs") / args.dataset / "decisions" / name
+    m = run_defend(defense, x, y, out, source)
+    print(
+        f"{m['inputs']} inputs: accept {m['accept_share']:.3f}, purify {m['purify_share']:.3f}, "
+        f"reject {m['reject_share']:.3f}; accuracy {m['accuracy']:.4f} (rejections wrong), "
+        f"{m['defended_accuracy']:.4f} (rejections defended) -> {out}"
+    )
+
+
 def _evaluate_classifier(args: argparse.Namespace) -> None:
     from fmdefense.training.jobs import measure_classifier
 
@@ -213,6 +278,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier", type=Path, default=None, help="classifier artifact folder")
     _common(p)
     p.set_defaults(func=_attack)
+
+    p = sub.add_parser("calibrate", help="fit FM-Defense on the clean VAL split (resumable)")
+    p.add_argument("--dataset", choices=("mnist", "fmnist", "orl"), required=True)
+    p.add_argument("--out", type=Path, default=None, help="defense folder (runs/D/defense)")
+    p.add_argument("--codes", default="all", help="all, auto, or comma-separated indices")
+    p.add_argument("--n-morphs", type=int, default=100)
+    p.add_argument("--rho", type=float, default=0.999)
+    p.add_argument("--eta", type=float, default=0.9)
+    p.add_argument("--threshold-mode", choices=("per_code", "unified", "joint"), default="per_code")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--val-limit", type=int, default=None, help="use only N VAL images")
+    _common(p)
+    p.set_defaults(func=_calibrate)
+    p = sub.add_parser("defend", help="accept, purify or reject a set of inputs (resumable)")
+    p.add_argument("--dataset", choices=("mnist", "fmnist", "orl"), required=True)
+    p.add_argument("--input", required=True, help="an adversarial-set folder, or 'clean' for CLE")
+    p.add_argument("--defense", type=Path, default=None, help="calibrated defense folder")
+    p.add_argument("--out", type=Path, default=None, help="decisions folder")
+    p.add_argument("--limit", type=int, default=None)
+    _common(p)
+    p.set_defaults(func=_defend)
 
     p = sub.add_parser("reproduce", help="the paper's evaluation end to end (resumable)")
     p.add_argument("--dataset", choices=("mnist", "fmnist", "orl"), default="mnist")
