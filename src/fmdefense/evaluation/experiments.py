@@ -226,6 +226,17 @@ def roc(cle: SetOutputs, adv: dict[str, SetOutputs], path: Path) -> dict:
     return data
 
 
+def score_detection(clean: torch.Tensor, adv: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """AUC and TPR at fixed FPR for any scalar suspicion score (higher = more suspicious)."""
+    return {
+        name: {
+            "auc": roc_auc(clean, a),
+            **{f"tpr_at_fpr_{f}": tpr_at_fpr(clean, a, f) for f in FPR_TARGETS},
+        }
+        for name, a in adv.items()
+    }
+
+
 def breakdown(outs: dict[str, SetOutputs], theta: torch.Tensor, theta_d: float) -> dict:
     """Share of inputs accepted, purified and rejected per set."""
     data = {}

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from fmdefense.attacks.runner import AdversarialSet, attack_set, load_adversarial_set
+from fmdefense.baselines.recon_check import ReconCheckConfig, ReconstructionCheck
 from fmdefense.chunks import config_hash
 from fmdefense.data import load_raw, split_tensors
 from fmdefense.defense.detector import FMDefense, FMDefenseConfig, fingerprint_tensor
@@ -24,6 +25,7 @@ from fmdefense.defense.purifier import Z_U_MODES
 from fmdefense.defense.thresholds import distance_threshold, thresholds
 from fmdefense.errors import ArtifactError
 from fmdefense.evaluation import experiments as ex
+from fmdefense.evaluation.metrics import accuracy, defended_accuracy_on_adv
 from fmdefense.evaluation.report import render
 from fmdefense.training.checkpoint import (
     atomic_write_bytes,
@@ -165,6 +167,35 @@ def _table2_at(
     return rows
 
 
+def recon_baseline(
+    clf: torch.nn.Module,
+    vae: Any,
+    x_val: torch.Tensor,
+    x_cle: torch.Tensor,
+    y_cle: torch.Tensor,
+    adv_sets: dict[str, AdversarialSet],
+) -> dict[str, Any]:
+    """The one-decode reconstruction check on the same sets: detection, Table II at two ρ."""
+    out: dict[str, Any] = {}
+    for z_u_mode in Z_U_MODES:
+        check = ReconstructionCheck(clf, vae, ReconCheckConfig(z_u_mode=z_u_mode))
+        s_cle = check.score(x_cle)
+        s_adv = {name: check.score(a.x_adv) for name, a in adv_sets.items()}
+        row: dict[str, Any] = {"detection": ex.score_detection(s_cle, s_adv)}
+        for rho in (0.99, 0.95):
+            check.config = ReconCheckConfig(rho=rho, z_u_mode=z_u_mode)
+            check.fit(x_val)
+            table: dict[str, float] = {
+                "clean": accuracy(check.predict(x_cle), y_cle),
+                "val_fpr": check.val_fpr_,
+            }
+            for name, a in adv_sets.items():
+                table[name] = defended_accuracy_on_adv(check.predict(a.x_adv), a.y_true)
+            row[f"table2_rho_{rho}"] = table
+        out[z_u_mode] = row
+    return out
+
+
 def run_reproduce(
     dataset: str,
     profile_name: str,
@@ -197,6 +228,7 @@ def run_reproduce(
     for name, adv in adv_sets.items():
         raw[name] = stage_set_outputs(run, name, defense, adv.x_adv, adv.y_true)
     results = experiments(run, dataset, profile, defense, raw, x_cle, adv_sets)
+    results["recon_check"] = recon_baseline(clf, vae, x_val, x_cle, y_cle, adv_sets)
     results["meta"]["seconds"] = time.perf_counter() - t0
     write_json(run / "results.json", results)
     atomic_write_bytes(run / "report.md", render(results).encode())

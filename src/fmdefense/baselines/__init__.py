@@ -1,0 +1,1 @@
+"""Baselines measured in the same harness as FM-Defense."""
