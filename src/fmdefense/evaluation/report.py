@@ -60,7 +60,7 @@ def _recon_section(results: dict[str, Any]) -> list[str]:
         "(one decode per input, against m·N for FM-Defense).",
         "",
         "| attack | FM-Defense AUC | recon check AUC (feature / class mean) | FM TPR @ 1 % / 5 % "
-        "| recon TPR @ 1 % / 5 % (class mean) |",
+        "| recon TPR @ 1 % / 5 % (feature) |",
         "|---|---|---|---|---|",
     ]
     for name, fm in results["roc"].items():
@@ -68,7 +68,7 @@ def _recon_section(results: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {name} | {fm['auc']:.3f} | {f['auc']:.3f} / {c['auc']:.3f} | "
             f"{_pct(fm['tpr_at_fpr_0.01'])} / {_pct(fm['tpr_at_fpr_0.05'])} | "
-            f"{_pct(c['tpr_at_fpr_0.01'])} / {_pct(c['tpr_at_fpr_0.05'])} |"
+            f"{_pct(f['tpr_at_fpr_0.01'])} / {_pct(f['tpr_at_fpr_0.05'])} |"
         )
     return [*lines, ""]
 
