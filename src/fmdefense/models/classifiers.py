@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fmdefense.errors import ArtifactError
-from fmdefense.training.checkpoint import load_tensors, read_config, save_artifact
+from fmdefense.training.checkpoint import load_module, save_artifact
 from fmdefense.validation import check_images
 
 KIND = "classifier"
@@ -194,15 +194,7 @@ class Classifier(nn.Module):
     @classmethod
     def load(cls, folder: Path, device: str | torch.device = "cpu") -> Classifier:
         """Rebuild from an artifact folder (no pickle); raises ArtifactError when broken."""
-        raw = read_config(folder, KIND)
-        raw["image_size"] = tuple(raw["image_size"])
-        model = cls(ClassifierConfig(**raw))
-        state = load_tensors(Path(folder) / "model.safetensors", device)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            raise ArtifactError(f"weights in {folder} do not match its config: {exc}") from exc
-        return model.to(device).eval()
+        return load_module(folder, KIND, lambda raw: cls(ClassifierConfig(**raw)), device)
 
 
 def build_classifier(dataset: str) -> Classifier:

@@ -19,7 +19,7 @@ from torch import nn
 
 from fmdefense.errors import ArtifactError, InputError
 from fmdefense.models.losses import lgm_logits
-from fmdefense.training.checkpoint import load_tensors, read_config, save_artifact
+from fmdefense.training.checkpoint import load_module, save_artifact
 from fmdefense.validation import check_images
 
 KIND = "combo_vae"
@@ -272,14 +272,7 @@ class ComboVAE(nn.Module):
     @classmethod
     def load(cls, folder: Path, device: str | torch.device = "cpu") -> ComboVAE:
         """Rebuild from an artifact folder (no pickle)."""
-        raw = read_config(folder, KIND)
-        raw["image_size"] = tuple(raw["image_size"])
-        model = cls(ComboVAEConfig(**raw))
-        try:
-            model.load_state_dict(load_tensors(Path(folder) / "model.safetensors", device))
-        except RuntimeError as exc:
-            raise ArtifactError(f"weights in {folder} do not match its config: {exc}") from exc
-        return model.to(device).eval()
+        return load_module(folder, KIND, lambda raw: cls(ComboVAEConfig(**raw)), device)
 
 
 DATASET_VAES: dict[str, ComboVAEConfig] = {

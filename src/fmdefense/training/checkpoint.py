@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from fmdefense.errors import ArtifactError
 
@@ -144,3 +145,27 @@ def load_resume_state(folder: Path) -> dict[str, Any] | None:
     except (RuntimeError, OSError, EOFError) as exc:
         raise ArtifactError(f"corrupt resume state {path}: {exc}; delete it to start over") from exc
     return dict(state)
+
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def load_module(
+    folder: Path,
+    kind: str,
+    build: Callable[[dict[str, Any]], M],
+    device: str | torch.device = "cpu",
+) -> M:
+    """Rebuild a network from its artifact: `build(config)` then its safetensors weights.
+
+    The config's `image_size` list becomes a tuple; mismatched weights raise ArtifactError.
+    """
+    raw = read_config(folder, kind)
+    if "image_size" in raw:
+        raw["image_size"] = tuple(raw["image_size"])
+    model = build(raw)
+    try:
+        model.load_state_dict(load_tensors(Path(folder) / WEIGHTS_FILE, device))
+    except RuntimeError as exc:
+        raise ArtifactError(f"weights in {folder} do not match its config: {exc}") from exc
+    return model.to(device).eval()
