@@ -29,3 +29,27 @@ def test_reconstruction_check_flags_label_flips_and_round_trips(tmp_path: Path) 
     assert back.tau_ == check.tau_
     assert torch.equal(back.predict(x), check.predict(x))
     assert torch.equal(back.score(x), check.score(x))
+
+
+def test_magnet_trains_fits_its_drop_rate_detects_noise_and_round_trips(tmp_path: Path) -> None:
+    from fmdefense.baselines.magnet import MagNet, MagNetConfig, train_magnet
+
+    torch.manual_seed(0)
+    x = (torch.rand(64, 1, 8, 8) < 0.2).float() * 0.9  # sparse clean "digits"
+    cfg = MagNetConfig(image_size=(8, 8), epochs=30, batch_size=32, drop_rate=0.05, lr=1e-2)
+    model = MagNet(cfg)
+    with pytest.raises(NotFittedError):
+        model.detect(x)
+    train_magnet(model, x, torch.device("cpu"))
+    model.eval().fit_thresholds(x)
+    per_detector = (model.errors(x) > model.thresholds).float().mean(0)
+    assert bool((per_detector <= 0.05).all())  # each detector at its drop rate
+    assert float(model.detect(x).float().mean()) <= 0.10  # their union at most the sum
+    noisy = 1 - x  # far from the clean images the autoencoders learned
+    assert float(model.score(noisy).mean()) > 2 * float(model.score(x).mean())
+    model.save(tmp_path / "m")
+    back = MagNet.load(tmp_path / "m")
+    assert torch.equal(back.score(noisy), model.score(noisy))
+    clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    labels = back.predict(clf, noisy)
+    assert bool(((labels == -1) == back.detect(noisy)).all())

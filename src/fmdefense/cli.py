@@ -208,6 +208,16 @@ def _defend(args: argparse.Namespace) -> None:
     )
 
 
+def _train_magnet(args: argparse.Namespace) -> None:
+    from fmdefense.baselines.magnet import run_train_magnet
+
+    out = args.out or Path("runs") / args.dataset / "magnet"
+    m = run_train_magnet(args.dataset, out, resolve_device(args.device))
+    print(
+        f"MagNet: VAL false-positive rate {m['val_fpr']:.4f}, thresholds {m['thresholds']} -> {out}"
+    )
+
+
 def _evaluate_classifier(args: argparse.Namespace) -> None:
     from fmdefense.training.jobs import measure_classifier
 
@@ -307,6 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="run folder (runs/D/reproduce-P)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:N]")
     p.set_defaults(func=_reproduce)
+
+    p = train.add_parser("magnet", help="train the MagNet baseline's two autoencoders")
+    p.add_argument("--dataset", choices=("mnist", "fmnist"), required=True)
+    p.add_argument("--out", type=Path, default=None, help="artifact folder (runs/D/magnet)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:N]")
+    p.set_defaults(func=_train_magnet)
 
     ev = sub.add_parser("evaluate", help="measure artifacts").add_subparsers(
         dest="what", required=True
