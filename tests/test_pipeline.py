@@ -13,7 +13,7 @@ import fmdefense.evaluation.pipeline as pipeline
 from fmdefense.defense.detector import FMDefense
 from fmdefense.evaluation.report import table2_markdown
 
-TINY = {"n_val": 24, "n_cle": 12, "n_morphs": 4}
+TINY = {"n_val": 24, "n_cle": 12, "n_morphs": 4, "magnet_epochs": 1, "magnet_limit": 256}
 ATTACKS = (("fgsm", "default"),)
 
 
@@ -40,5 +40,6 @@ def test_report_table_equals_results_and_a_rerun_reuses_stages(
     monkeypatch.setattr(pipeline, "attack_set", must_not_run)
     monkeypatch.setattr(FMDefense, "fit", must_not_run)
     monkeypatch.setattr(FMDefense, "resistance", must_not_run)
+    monkeypatch.setattr(pipeline, "run_train_magnet", must_not_run)
     again = _run(tmp_path / "run")
     assert again["table2"] == first["table2"]

@@ -145,16 +145,24 @@ def train_magnet(model: MagNet, x: torch.Tensor, device: torch.device) -> list[f
     return history
 
 
-def run_train_magnet(dataset: str, out_dir: Path, device: torch.device) -> dict[str, Any]:
+def run_train_magnet(
+    dataset: str,
+    out_dir: Path,
+    device: torch.device,
+    *,
+    epochs: int = 10,
+    limit: int | None = None,
+) -> dict[str, Any]:
     """Train on the dataset's combo-VAE split (20,000 clean images), thresholds on VAL, save."""
     from fmdefense.data import load_raw, split_tensors
     from fmdefense.training.jobs import provenance
 
     ds = load_raw(dataset)
     x, _ = split_tensors(ds, "vae_train")
+    x = x[:limit]
     x_val, _ = split_tensors(ds, "val")
     c, h, w = ds.image_shape
-    model = MagNet(MagNetConfig(in_channels=c, image_size=(h, w)))
+    model = MagNet(MagNetConfig(in_channels=c, image_size=(h, w), epochs=epochs))
     history = train_magnet(model, x, device)
     model.eval().fit_thresholds(x_val.to(device))
     val_fpr = float(model.detect(x_val.to(device)).float().mean())

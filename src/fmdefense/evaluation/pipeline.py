@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from fmdefense.attacks.runner import AdversarialSet, attack_set, load_adversarial_set
+from fmdefense.baselines.magnet import MagNet, run_train_magnet
 from fmdefense.baselines.recon_check import ReconCheckConfig, ReconstructionCheck
 from fmdefense.chunks import config_hash
 from fmdefense.data import load_raw, split_tensors
@@ -48,6 +49,8 @@ class Profile:
     n_morphs: int
     attacks: tuple[tuple[str, str], ...]  # (attack, setting)
     rho: float = 0.999  # per-code clean pass rate on VAL
+    magnet_epochs: int = 10
+    magnet_limit: int | None = None  # MagNet trains on the first N combo-VAE training images
     seed: int = 0
 
 
@@ -55,7 +58,7 @@ ATTACKS = (("fgsm", "default"), ("deepfool_linf", "default"), ("cw_l2", "fast"))
 PROFILES: dict[str, Profile] = {
     "paper": Profile("paper", None, None, 100, ATTACKS),
     # 300 VAL images cannot support ρ = 0.999 (it allows 0.3 flagged images per code).
-    "quick": Profile("quick", 300, 200, 20, ATTACKS, rho=0.99),
+    "quick": Profile("quick", 300, 200, 20, ATTACKS, rho=0.99, magnet_epochs=3),
 }
 
 
@@ -196,6 +199,41 @@ def recon_baseline(
     return out
 
 
+def magnet_baseline(
+    run: Path,
+    dataset: str,
+    profile: Profile,
+    clf: torch.nn.Module,
+    x_cle: torch.Tensor,
+    y_cle: torch.Tensor,
+    adv_sets: dict[str, AdversarialSet],
+    device: torch.device,
+) -> dict[str, Any]:
+    """MagNet on the same sets (its autoencoders trained once per run folder, then reused)."""
+    folder = run / "magnet"
+    try:
+        magnet = MagNet.load(folder, device)
+        log.info("reusing finished stage %s", folder)
+    except ArtifactError:
+        run_train_magnet(
+            dataset, folder, device, epochs=profile.magnet_epochs, limit=profile.magnet_limit
+        )
+        magnet = MagNet.load(folder, device)
+    s_cle = magnet.score(x_cle.to(device)).cpu()
+    s_adv = {k: magnet.score(a.x_adv.to(device)).cpu() for k, a in adv_sets.items()}
+    table: dict[str, float] = {
+        "clean": accuracy(magnet.predict(clf, x_cle.to(device)).cpu(), y_cle)
+    }
+    for name, a in adv_sets.items():
+        labels = magnet.predict(clf, a.x_adv.to(device)).cpu()
+        table[name] = defended_accuracy_on_adv(labels, a.y_true)
+    return {
+        "detection": ex.score_detection(s_cle, s_adv),
+        "table2": table,
+        "clean_flagged": float((s_cle > 1).float().mean()),
+    }
+
+
 def run_reproduce(
     dataset: str,
     profile_name: str,
@@ -229,6 +267,7 @@ def run_reproduce(
         raw[name] = stage_set_outputs(run, name, defense, adv.x_adv, adv.y_true)
     results = experiments(run, dataset, profile, defense, raw, x_cle, adv_sets)
     results["recon_check"] = recon_baseline(clf, vae, x_val, x_cle, y_cle, adv_sets)
+    results["magnet"] = magnet_baseline(run, dataset, profile, clf, x_cle, y_cle, adv_sets, device)
     results["meta"]["seconds"] = time.perf_counter() - t0
     write_json(run / "results.json", results)
     atomic_write_bytes(run / "report.md", render(results).encode())

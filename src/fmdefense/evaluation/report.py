@@ -70,6 +70,23 @@ def _recon_section(results: dict[str, Any]) -> list[str]:
             f"{_pct(fm['tpr_at_fpr_0.01'])} / {_pct(fm['tpr_at_fpr_0.05'])} | "
             f"{_pct(f['tpr_at_fpr_0.01'])} / {_pct(f['tpr_at_fpr_0.05'])} |"
         )
+    magnet = results.get("magnet")
+    if magnet:
+        lines += [
+            "",
+            "MagNet (detectors I and II at VAL drop rate 0.001 each, reformer AE I), same sets: "
+            f"{_pct(magnet['clean_flagged'])} of CLE flagged.",
+            "",
+            "| set | MagNet accuracy (rejected ADV counts as defended) | MagNet AUC | "
+            "MagNet TPR @ 1 % / 5 % |",
+            "|---|---|---|---|",
+            f"| clean | {_pct(magnet['table2']['clean'])} | | |",
+        ]
+        for name, d in magnet["detection"].items():
+            lines.append(
+                f"| {name} | {_pct(magnet['table2'][name])} | {d['auc']:.3f} | "
+                f"{_pct(d['tpr_at_fpr_0.01'])} / {_pct(d['tpr_at_fpr_0.05'])} |"
+            )
     return [*lines, ""]
 
 
