@@ -37,7 +37,8 @@ class MagNetConfig:
     drop_rate: float = 0.001
     epochs: int = 10
     batch_size: int = 256
-    lr: float = 1e-3
+    lr: float = 1e-2  # all-sigmoid autoencoders crawl at 1e-3 (13.5 % reformer accuracy after
+    # 3 epochs on MNIST); at 1e-2 the reformer keeps 97.4 % of 1,000 CLE images after 3 epochs
     seed: int = 0
 
 
