@@ -135,3 +135,27 @@ def test_bad_inputs_raise() -> None:
         vae.codes(torch.rand(1, 1, 64, 64))
     with pytest.raises(InputError, match="z_u_mode"):
         vae.reconstruct(torch.rand(1, 1, 28, 28), "median")
+
+
+class _FixedCodes(torch.nn.Module):
+    """Stands in for a combo-VAE whose encoder means are given per image (via its first pixel)."""
+
+    def __init__(self, codes: torch.Tensor) -> None:
+        super().__init__()
+        self.codes_ = codes
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.encoder = lambda x: (self.codes_[x[:, 0, 0, 0].long()], None)
+
+
+def test_gaussian_total_correlation_separates_independent_from_shared_codes() -> None:
+    from fmdefense.training.vae import disentanglement
+
+    gen = torch.Generator().manual_seed(0)
+    independent = torch.randn(2000, 3, generator=gen)
+    shared = independent.clone()
+    shared[:, 1] = shared[:, 0] + 0.1 * shared[:, 1]  # code 1 mostly repeats code 0
+    x = torch.arange(2000.0).view(-1, 1, 1, 1)
+    d_ind = disentanglement(_FixedCodes(independent), x)  # type: ignore[arg-type]
+    d_sh = disentanglement(_FixedCodes(shared), x)  # type: ignore[arg-type]
+    assert d_ind["active_dims"] == d_sh["active_dims"] == 3
+    assert d_ind["gaussian_tc_active"] < 0.01 < 1.0 < d_sh["gaussian_tc_active"]

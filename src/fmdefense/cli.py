@@ -218,6 +218,21 @@ def _train_magnet(args: argparse.Namespace) -> None:
     )
 
 
+def _evaluate_vae(args: argparse.Namespace) -> None:
+    from fmdefense.data import load_raw, split_tensors
+    from fmdefense.defense.jobs import vae_dir
+    from fmdefense.models.combo_vae import ComboVAE
+    from fmdefense.training.vae import disentanglement
+
+    vae = ComboVAE.load(vae_dir(args.dataset, args.weights), resolve_device(args.device))
+    x, _ = split_tensors(load_raw(args.dataset), "test")
+    d = disentanglement(vae, x)
+    print(
+        f"{vae_dir(args.dataset, args.weights)}: {d['active_dims']} active z_s dims, Gaussian "
+        f"TC of their means {d['gaussian_tc_active']:.4f} nats (test, {len(x)} images)"
+    )
+
+
 def _evaluate_classifier(args: argparse.Namespace) -> None:
     from fmdefense.training.jobs import measure_classifier
 
@@ -332,6 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=Path, default=None, help="artifact folder (shipped weights)")
     _common(p)
     p.set_defaults(func=_evaluate_classifier)
+    p = ev.add_parser("vae", help="active codes and their Gaussian total correlation")
+    p.add_argument("--dataset", choices=("mnist", "fmnist", "orl"), default="mnist")
+    p.add_argument("--weights", type=Path, default=None, help="artifact folder (shipped weights)")
+    _common(p)
+    p.set_defaults(func=_evaluate_vae)
     _register_plugins(sub)
     return parser
 

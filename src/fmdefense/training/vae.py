@@ -285,6 +285,28 @@ def code_statistics(vae: ComboVAE, x: torch.Tensor, device: torch.device) -> dic
 
 
 @torch.inference_mode()
+def disentanglement(vae: ComboVAE, x: torch.Tensor, threshold: float = 0.5) -> dict[str, Any]:
+    """Active z_s dimensions (spread of E_s's means > threshold) and the Gaussian total
+    correlation of those means, −½ log det R (R their correlation matrix): 0 when the active
+    codes are uncorrelated, growing as they share information — the quantity the TC term
+    penalises, measured without a discriminator."""
+    vae.eval()
+    device = next(vae.parameters()).device
+    mu = torch.cat([vae.encoder(x[i : i + 512].to(device))[0].cpu() for i in range(0, len(x), 512)])
+    mu = mu.flatten(2).mean(-1) if mu.dim() == 4 else mu
+    active = mu.std(0) > threshold
+    tc = 0.0
+    if int(active.sum()) > 1:
+        corr = torch.corrcoef(mu[:, active].T.double())
+        tc = float(-0.5 * torch.logdet(corr))
+    return {
+        "active_dims": int(active.sum()),
+        "gaussian_tc_active": tc,
+        "spread": mu.std(0).tolist(),
+    }
+
+
+@torch.inference_mode()
 def held_out_measures(
     vae: ComboVAE,
     x: torch.Tensor,
