@@ -349,10 +349,15 @@ class FMDefense:
         """Suspicious inputs (n,) bool: some r_i ≤ θ_i."""
         return flags(self.resistance(x), self.theta_)
 
-    def purify(self, x: torch.Tensor) -> torch.Tensor:
-        """Labels (n,) of the purified (reconstructed) inputs, whatever the detector says."""
+    def purify(self, x: torch.Tensor, z_u_mode: str | None = None) -> torch.Tensor:
+        """Labels (n,) of the purified (reconstructed) inputs, whatever the detector says;
+        `z_u_mode` overrides the reading chosen at fit time."""
         self._require_fit()
-        return self._purified(self._check(x), self.z_u_mode_)
+        return self._purified(self._check(x), z_u_mode or self.z_u_mode_)
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """The protected classifier's own labels C(x) (n,), batched."""
+        return self._batched_labels(self._check(x))
 
     def decide(self, x: torch.Tensor, cache_dir: Path | None = None) -> Decision:
         """Accept (label C(x)), purify (label C(D(E_s(x) ⊕ z_u))) or reject each input."""

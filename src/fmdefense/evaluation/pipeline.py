@@ -139,11 +139,11 @@ def stage_set_outputs(
         return load_tensors(path)
     out = {
         "resistance": defense.resistance(x, cache_dir=run / "cache" / f"{name}-{key}"),
-        "input_label": defense._batched_labels(x),
+        "input_label": defense.classify(x),
         "truth": truth,
     }
     for mode in Z_U_MODES:
-        out[f"purified_{mode}"] = defense._purified(x, mode)
+        out[f"purified_{mode}"] = defense.purify(x, mode)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_tensors(path, out)
     return out
