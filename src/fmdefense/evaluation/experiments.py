@@ -29,6 +29,7 @@ from fmdefense.evaluation.metrics import (
 )
 
 FPR_TARGETS = (0.001, 0.01, 0.05)
+SELECTION_RHO = 0.95  # code-selection bars: at 0.999 no selection flags anything (see README)
 
 
 @dataclass(frozen=True)
@@ -123,14 +124,14 @@ def figure4(
         sel = {}
         for label, idx in selections.items():
             ix = torch.tensor(idx)
-            theta = thresholds(val_r[:, ix], 0.999, "per_code")
+            theta = thresholds(val_r[:, ix], SELECTION_RHO, "per_code")
             sel[label] = _detection(_subset(cle, ix), _subset(a, ix), theta)
         data["selection"][name] = sel
         x = np.arange(len(sel))
         for k, key in enumerate(("adv", "clean", "overall")):
             axes[2, col].bar(x + k * 0.27, [sel[s][key] for s in sel], 0.27, label=key)
-        axes[2, col].set_xticks(x + 0.27, list(sel), fontsize=7)
-        axes[2, col].set(title=f"{name}: code selections (ρ = 0.999)")
+        axes[2, col].set_xticks(x + 0.27, list(sel), fontsize=7, rotation=15)
+        axes[2, col].set(title=f"{name}: code selections (ρ = {SELECTION_RHO})")
     axes[0, 0].legend(fontsize=8)
     _save(fig, path)
     return data
