@@ -22,8 +22,7 @@ log = logging.getLogger("fmdefense")
 DATASETS = ("mnist", "fmnist", "orl", "celeba")
 # Modules that add their own subcommands; one line each.
 COMMAND_MODULES: list[str] = [
-    # "fmdefense.training.vae_commands",
-    # "fmdefense.attacks.commands",
+    "fmdefense.attacks.commands",
 ]
 
 
@@ -94,39 +93,6 @@ def _train_vae(args: argparse.Namespace) -> None:
         f"{args.dataset} combo-VAE: recon MSE/pixel {m['recon_mse_per_pixel']:.4f}, "
         f"DGMM accuracy {m['dgmm_test_accuracy']:.4f}, C on reconstructions "
         f"{m.get('classifier_accuracy_on_reconstructions')} -> {out}"
-    )
-
-
-def _attack(args: argparse.Namespace) -> None:
-    from fmdefense.attacks.runner import attack_set
-    from fmdefense.data import load_raw, split_tensors
-    from fmdefense.models.classifiers import Classifier
-    from fmdefense.training.jobs import classifier_dir
-
-    setting = args.setting or "default"
-    name = args.attack if setting == "default" else f"{args.attack}-{setting}"
-    out = args.out or Path("runs") / args.dataset / "attacks" / name
-    model = Classifier.load(
-        classifier_dir(args.dataset, args.classifier), resolve_device(args.device)
-    )
-    x, y = split_tensors(load_raw(args.dataset, data_dir=args.data_dir), "cle")
-    if args.limit is not None:
-        x, y = x[: args.limit], y[: args.limit]
-    source = {
-        "dataset": args.dataset,
-        "split": "cle",
-        "limit": args.limit,
-        "classifier": str(classifier_dir(args.dataset, args.classifier)),
-    }
-    adv = attack_set(
-        args.attack, setting, model, x, y, out, batch_size=args.batch_size, source=source
-    )
-    m = adv.metrics
-    print(
-        f"{args.attack} ({setting}) on {m['images']} {args.dataset} CLE images: success "
-        f"{m['success_rate']:.4f} (on correct {m['success_rate_on_correct']:.4f}), accuracy on "
-        f"ADV {m['accuracy_on_adv']:.4f}, mean L2 {m['mean_l2']:.3f}, mean Linf "
-        f"{m['mean_linf']:.3f}, {m['seconds_per_image']:.3f} s/image -> {out}"
     )
 
 
@@ -292,17 +258,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     _common(p)
     p.set_defaults(func=_train_vae)
-
-    p = sub.add_parser("attack", help="attack the CLE split (resumable chunks)")
-    p.add_argument("--dataset", choices=DATASETS, required=True)
-    p.add_argument("--attack", choices=("fgsm", "deepfool_linf", "cw_l2"), required=True)
-    p.add_argument("--setting", default=None, help="cw_l2: fast (default) or reference")
-    p.add_argument("--limit", type=int, default=None, help="attack only the first N CLE images")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--out", type=Path, default=None, help="artifact (runs/D/attacks/NAME)")
-    p.add_argument("--classifier", type=Path, default=None, help="classifier artifact folder")
-    _common(p)
-    p.set_defaults(func=_attack)
 
     p = sub.add_parser("calibrate", help="fit FM-Defense on the clean VAL split (resumable)")
     p.add_argument("--dataset", choices=("mnist", "fmnist", "orl"), required=True)

@@ -66,6 +66,7 @@ def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
     tmp = _atomic_path(Path(path))
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        os.chmod(tmp, 0o644)  # save_file recreates the file with its own mode
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
