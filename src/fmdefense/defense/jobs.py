@@ -21,17 +21,6 @@ from fmdefense.training.jobs import classifier_dir, provenance
 log = logging.getLogger(__name__)
 DECISIONS_KIND = "decisions"
 
-# Paper settings (IV.A) and a quick profile for development and the demo.
-PROFILES: dict[str, dict[str, Any]] = {
-    "paper": {"n_morphs": 100, "val_limit": None},
-    "quick": {"n_morphs": 20, "val_limit": 500},
-}
-DATASET_DEFENSES: dict[str, FMDefenseConfig] = {
-    "mnist": FMDefenseConfig(),
-    "fmnist": FMDefenseConfig(),
-    "orl": FMDefenseConfig(),
-}
-
 
 def vae_dir(dataset: str, weights: Path | None = None) -> Path:
     """Folder of a dataset's combo-VAE artifact (shipped weights by default)."""

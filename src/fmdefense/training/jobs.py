@@ -58,16 +58,15 @@ def run_train_classifier(
     if seed is not None:
         cfg = dataclasses.replace(cfg, seed=seed)
     model = build_classifier(dataset)
+    train = split_tensors(ds, "classifier_train")
     t0 = time.perf_counter()
-    result = train_classifier(
-        model, split_tensors(ds, "classifier_train"), split_tensors(ds, "val"), cfg, out_dir, device
-    )
+    result = train_classifier(model, train, split_tensors(ds, "val"), cfg, out_dir, device)
     x_test, y_test = split_tensors(ds, "test")
     metrics = {
         "dataset": dataset,
         "test_accuracy": accuracy(model, x_test, y_test),
         "test_images": len(y_test),
-        "train_images": len(split_tensors(ds, "classifier_train")[1]),
+        "train_images": len(train[1]),
         "train_seconds": time.perf_counter() - t0,
         **result,
         **provenance(),
