@@ -17,7 +17,7 @@ from fmdefense.models.losses import (
     permute_dims,
     tc_estimate,
 )
-from fmdefense.training.vae import vae_step
+from fmdefense.training.vae import kl_term, traversal_label_stability, vae_step
 
 
 @pytest.mark.parametrize("dataset", ["mnist", "orl"])
@@ -159,3 +159,29 @@ def test_gaussian_total_correlation_separates_independent_from_shared_codes() ->
     d_sh = disentanglement(_FixedCodes(shared), x)  # type: ignore[arg-type]
     assert d_ind["active_dims"] == d_sh["active_dims"] == 3
     assert d_ind["gaussian_tc_active"] < 0.01 < 1.0 < d_sh["gaussian_tc_active"]
+
+
+def test_free_bits_leave_small_per_code_kl_unpenalised() -> None:
+    # Code 0: KL 0.5·μ² = 2 nats per example; code 1 at the prior: 0 nats.
+    mu = torch.tensor([[2.0, 0.0], [2.0, 0.0]])
+    logvar = torch.zeros_like(mu)
+    assert float(kl_term(mu, logvar)) == pytest.approx(2.0)
+    assert float(kl_term(mu, logvar, free_bits=3.0)) == pytest.approx(3.0 + 3.0)
+    # Feature maps: a channel's KL is summed over its n×n units before the floor.
+    maps = torch.full((1, 1, 2, 2), 1.0)  # 4 units × 0.5 nats
+    assert float(kl_term(maps, torch.zeros_like(maps), free_bits=1.0)) == pytest.approx(2.0)
+    assert float(kl_term(maps, torch.zeros_like(maps), free_bits=5.0)) == pytest.approx(5.0)
+
+
+def test_traversal_label_stability_counts_label_changes_per_code() -> None:
+    from types import SimpleNamespace
+
+    from tests.toys import ToyClassifier, ToyVAE, images
+
+    vae = ToyVAE()  # code 0 (brightness) decides the label, code 1 changes nothing
+    vae.cfg = SimpleNamespace(z_s_dim=2)  # type: ignore[assignment]
+    x = images([0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9])
+    out = traversal_label_stability(vae, ToyClassifier(), x, x, steps=8)  # type: ignore[arg-type]
+    # Code 0 swept over [0.1, 0.9]: half the values sit on the other side of 0.5.
+    assert out["per_code"] == pytest.approx([0.5, 1.0], abs=0.01)
+    assert out["mean"] == pytest.approx(0.75, abs=0.01)

@@ -81,6 +81,7 @@ def _train_vae(args: argparse.Namespace) -> None:
             "epochs_dgmm": args.epochs_dgmm,
             "epochs_vae": args.epochs_vae,
             "gamma": args.gamma,
+            "free_bits": args.free_bits,
             "seed": args.seed,
             "limit": args.limit,
         }.items()
@@ -186,16 +187,20 @@ def _train_magnet(args: argparse.Namespace) -> None:
 
 def _evaluate_vae(args: argparse.Namespace) -> None:
     from fmdefense.data import load_raw, split_tensors
-    from fmdefense.defense.jobs import vae_dir
-    from fmdefense.models.combo_vae import ComboVAE
-    from fmdefense.training.vae import disentanglement
+    from fmdefense.defense.jobs import load_models, vae_dir
+    from fmdefense.training.vae import disentanglement, traversal_label_stability
 
-    vae = ComboVAE.load(vae_dir(args.dataset, args.weights), resolve_device(args.device))
-    x, _ = split_tensors(load_raw(args.dataset), "test")
+    folder = vae_dir(args.dataset, args.weights)
+    clf, vae = load_models(args.dataset, resolve_device(args.device), vae=folder)
+    ds = load_raw(args.dataset)
+    x, _ = split_tensors(ds, "test")
     d = disentanglement(vae, x)
+    stab = traversal_label_stability(vae, clf, x[: args.limit], split_tensors(ds, "val")[0])
     print(
-        f"{vae_dir(args.dataset, args.weights)}: {d['active_dims']} active z_s dims, Gaussian "
-        f"TC of their means {d['gaussian_tc_active']:.4f} nats (test, {len(x)} images)"
+        f"{folder}: {d['active_dims']} active z_s dims, Gaussian TC of their means "
+        f"{d['gaussian_tc_active']:.4f} nats (test, {len(x)} images); C keeps its label on "
+        f"{stab['mean']:.4f} of single-z_s-code traversals ({stab['images']} test images, "
+        f"{stab['steps']} values per code; per code {[round(v, 3) for v in stab['per_code']]})"
     )
 
 
@@ -254,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs-dgmm", type=int, default=None)
     p.add_argument("--epochs-vae", type=int, default=None)
     p.add_argument("--gamma", type=float, default=None, help="TC weight (paper: 40; 0: no TC)")
+    p.add_argument("--free-bits", type=float, default=None, help="KL-free nats per code")
     p.add_argument("--limit", type=int, default=None, help="use only N training images")
     p.add_argument("--seed", type=int, default=None)
     _common(p)
@@ -302,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=Path, default=None, help="artifact folder (shipped weights)")
     _common(p)
     p.set_defaults(func=_evaluate_classifier)
-    p = ev.add_parser("vae", help="active codes and their Gaussian total correlation")
+    p = ev.add_parser("vae", help="active codes, Gaussian TC, label stability of z_s traversals")
+    p.add_argument("--limit", type=int, default=1000, help="test images for the traversal check")
     p.add_argument("--dataset", choices=("mnist", "fmnist", "orl"), default="mnist")
     p.add_argument("--weights", type=Path, default=None, help="artifact folder (shipped weights)")
     _common(p)
