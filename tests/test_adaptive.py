@@ -1,0 +1,165 @@
+"""Adaptive attacks on the toy pipeline of tests/toys.py (closed-form classifier and VAE).
+
+The toy classifier labels a 4×4 image by its mean brightness (> 0.5 → 1); the toy VAE's only
+effective code is that mean, so an input near 0.5 has low resistance and is flagged, while one
+pushed well past 0.5 keeps its (wrong) label on every morph and is accepted.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fmdefense.attacks.adaptive import (
+    ADAPTIVE_ATTACKS,
+    AdaptiveConfig,
+    evaluate_adaptive,
+    make_attack,
+    margin,
+    project,
+    run_adaptive,
+    shift_codes,
+    step_size,
+    targeted_margin,
+)
+from fmdefense.defense.detector import ACCEPT, REJECT_LABEL, FMDefense, FMDefenseConfig
+from fmdefense.defense.morphs import morph_codes
+from fmdefense.errors import InputError, NotFittedError
+from tests.toys import ToyClassifier, ToyVAE, images
+
+PATTERN = torch.tensor([1.0, -1.0] * 8).view(1, 1, 4, 4) * 0.03  # zero-mean texture
+
+
+def toy_defense() -> FMDefense:
+    x_val = images([0.05 * i for i in range(1, 20) if i != 10])
+    cfg = FMDefenseConfig(n_morphs=40, rho=0.9, eta=0.5, z_u_mode="class_mean", channels_last=False)
+    return FMDefense(ToyClassifier(), ToyVAE(), cfg).fit(x_val)
+
+
+def toy_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    means = [0.35, 0.38, 0.4, 0.42, 0.44, 0.56, 0.58, 0.6, 0.62, 0.65]
+    x = (images(means) + PATTERN).clamp(0, 1)  # textured, so no output is a constant image
+    return x, torch.tensor([int(m > 0.5) for m in means])
+
+
+@pytest.fixture(scope="module")
+def defense() -> FMDefense:
+    return toy_defense()
+
+
+FAST = AdaptiveConfig(eps=0.2, steps=20, kappa=0.0, square_queries=60, cw_confidence=3.0)
+
+
+def accepted_wrong(defense: FMDefense, x_adv: torch.Tensor, y: torch.Tensor) -> int:
+    dec = defense.decide(x_adv)
+    return int(((dec.action == ACCEPT) & (dec.label != y)).sum())
+
+
+def test_joint_beats_the_oblivious_attack_against_the_detector(defense: FMDefense) -> None:
+    x, y = toy_inputs()
+    oblivious = run_adaptive("undefended", defense, x, y, FAST)  # PGD on C alone
+    joint = run_adaptive("joint", defense, x, y, FAST)
+    assert bool(oblivious.success.all())  # it fools the bare classifier every time ...
+    n_obl, n_joint = (
+        accepted_wrong(defense, oblivious.x_adv, y),
+        accepted_wrong(defense, joint.x_adv, y),
+    )
+    assert n_obl <= 2  # ... but lands by the boundary, where morphs flip: flagged
+    assert n_joint >= n_obl + 5  # the joint attack moves where morphs agree: accepted and wrong
+    # its own success flags are the hard pipeline's verdict on what it returned
+    label = defense.predict(joint.x_adv)
+    assert torch.equal(joint.success, (label != y) & (label != REJECT_LABEL))
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTIVE_ATTACKS))
+def test_outputs_stay_in_the_box_and_the_ball_and_are_seeded(defense: FMDefense, name: str) -> None:
+    x, y = toy_inputs()
+    a = run_adaptive(name, defense, x, y, FAST)
+    b = run_adaptive(name, defense, x, y, FAST)
+    assert a.x_adv.shape == x.shape and a.success.shape == (len(x),)
+    assert float(a.x_adv.min()) >= 0.0 and float(a.x_adv.max()) <= 1.0
+    assert float((a.x_adv - x).abs().max()) <= FAST.eps + 1e-6
+    assert torch.equal(a.x_adv, b.x_adv) and torch.equal(a.success, b.success)
+
+
+def test_gradient_free_and_transfer_attacks_reach_the_pipeline(defense: FMDefense) -> None:
+    x, y = toy_inputs()
+    for name in ("square", "cw_transfer", "latent"):
+        result = run_adaptive(name, defense, x, y, FAST)
+        assert int(result.success.sum()) >= 3, name
+
+
+def test_a_different_seed_gives_a_different_random_start(defense: FMDefense) -> None:
+    x, y = toy_inputs()
+    a = run_adaptive("joint", defense, x, y, AdaptiveConfig(eps=0.1, steps=2, seed=0))
+    b = run_adaptive("joint", defense, x, y, AdaptiveConfig(eps=0.1, steps=2, seed=1))
+    assert not torch.equal(a.x_adv, b.x_adv)
+
+
+def test_evaluate_adaptive_is_json_and_its_sanity_checks_hold(defense: FMDefense) -> None:
+    x, y = toy_inputs()
+    cfg = AdaptiveConfig(steps=10, kappa=0.0)
+    out = evaluate_adaptive(defense, x, y, "joint", [0.2, 0.05], config=cfg, unbounded_eps=1.0)
+    json.dumps(out)  # serialisable as is
+    assert [row["eps"] for row in out["per_eps"]] == [0.05, 0.2]
+    for row in out["per_eps"]:
+        assert row["robust_accuracy_with_rejection"] + row["attack_success"] == pytest.approx(1)
+        assert row["linf"] <= row["eps"] + 1e-6
+    assert out["clean"]["accept_rate"] == 1.0 and out["clean"]["attack_success"] == 0.0
+    s = out["sanity"]
+    assert s["success_non_decreasing_in_eps"] and s["more_budget_not_lower"]
+    assert s["undefended_reaches_100"] and s["success_unbounded"] == 1.0
+
+
+def test_bad_inputs_raise_clear_errors(defense: FMDefense) -> None:
+    x, y = toy_inputs()
+    with pytest.raises(InputError, match="unknown adaptive attack"):
+        make_attack("pgd9000", defense)
+    with pytest.raises(InputError, match="eps"):
+        AdaptiveConfig(eps=0.0)
+    with pytest.raises(InputError, match="schedule"):
+        AdaptiveConfig(schedule="linear")
+    with pytest.raises(InputError, match="steps"):
+        AdaptiveConfig(steps=0)
+    with pytest.raises(InputError, match=r"\[0, 1\]"):
+        run_adaptive("joint", defense, x * 3, y, FAST)
+    with pytest.raises(InputError, match="y must have shape"):
+        run_adaptive("joint", defense, x, y[:3], FAST)
+    with pytest.raises(InputError, match="pass a fitted one"):
+        make_attack("joint", None, classifier=ToyClassifier(), vae=ToyVAE())
+    unfitted = FMDefense(ToyClassifier(), ToyVAE(), FMDefenseConfig(n_morphs=5))
+    with pytest.raises(NotFittedError, match="fit"):
+        make_attack("joint", unfitted)
+    with pytest.raises(InputError, match="another class"):
+        run_adaptive("latent", defense, x[:2], y[:2], FAST)  # the pool holds one class only
+    with pytest.raises(InputError, match="eps_list"):
+        evaluate_adaptive(defense, x, y, "joint", [])
+    # undefended needs no defense at all
+    und = make_attack("undefended", None, FAST, classifier=ToyClassifier())
+    assert bool(und.run(x, y).success.all())
+
+
+def test_helpers_margins_projection_schedule_and_morph_codes() -> None:
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 5.0]])
+    y = torch.tensor([0, 1])
+    assert margin(logits, y, 100.0).tolist() == [2.0, -3.0]
+    assert margin(logits, y, 1.0).tolist() == [2.0, -1.0]  # capped at −κ
+    assert targeted_margin(logits, torch.tensor([1, 2]), 100.0).tolist() == [2.0, -3.0]
+    x = torch.full((1, 1, 2, 2), 0.98)
+    assert float(project(x + 0.5, x, 0.05).max()) == 1.0  # the box cuts the ball
+    assert float(project(x - 0.5, x, 0.05).min()) == pytest.approx(0.93)
+    cfg = AdaptiveConfig(eps=0.4, steps=8)
+    assert [step_size(cfg, t) for t in (0, 2, 4, 6, 7)] == pytest.approx(
+        [0.1, 0.05, 0.025, 0.0125, 0.0125]
+    )
+    cos = AdaptiveConfig(eps=0.4, steps=8, schedule="cosine")
+    assert step_size(cos, 0) == pytest.approx(0.1) and step_size(cos, 7) < 0.01
+    codes, idx, deltas = torch.randn(3, 5), torch.tensor([1, 4]), torch.randn(3, 2, 6)
+    assert torch.allclose(shift_codes(codes, idx, deltas), morph_codes(codes, idx, deltas))
+    maps = torch.randn(2, 3, 2, 2)  # feature-map codes move as whole channels
+    d = torch.randn(2, 1, 4)
+    assert torch.allclose(
+        shift_codes(maps, torch.tensor([2]), d), morph_codes(maps, torch.tensor([2]), d)
+    )
