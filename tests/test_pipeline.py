@@ -11,7 +11,7 @@ import torch
 
 import fmdefense.evaluation.pipeline as pipeline
 from fmdefense.defense.detector import FMDefense
-from fmdefense.evaluation.report import table2_markdown
+from fmdefense.evaluation.report import side_by_side_markdown, table2_markdown
 
 TINY = {"n_val": 24, "n_cle": 12, "n_morphs": 4, "magnet_epochs": 1, "magnet_limit": 256}
 ATTACKS = (("fgsm", "default"),)
@@ -30,8 +30,10 @@ def test_report_table_equals_results_and_a_rerun_reuses_stages(
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     report = (tmp_path / "run" / "report.md").read_text()
     assert table2_markdown(saved["table2"], "mnist") in report
+    assert side_by_side_markdown(saved, "mnist") in report
+    assert set(saved["roc_defenses"]) >= {"FM-Defense", "recon check", "MagNet"}
     assert saved["table2"]["fgsm"]["n"] == 12 and saved["meta"]["counts"]["VAL"] == 24
-    for name in ("figure1", "figure4", "figure5", "figure6", "roc"):
+    for name in ("figure1", "figure4", "figure5", "figure6", "roc", "roc_defenses"):
         assert (tmp_path / "run" / f"{name}.png").is_file()
 
     def must_not_run(*args: object, **kwargs: object) -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fmdefense.device import resolve_device
-from fmdefense.errors import FMDefenseError
+from fmdefense.errors import FMDefenseError, InputError
 
 if TYPE_CHECKING:
     from fmdefense.defense.detector import FMDefenseConfig
@@ -106,8 +106,16 @@ def _reproduce(args: argparse.Namespace) -> None:
         else tuple(a for a in ATTACKS if a[0] in args.attacks or "-".join(a) in args.attacks)
     )
     run = args.out or Path("runs") / args.dataset / f"reproduce-{args.profile}"
+    defenses = tuple(d for part in args.defenses for d in part.split(",") if d)
+    if "fm" not in defenses:
+        raise InputError("--defenses must include fm: FM-Defense is what reproduce evaluates")
     results = run_reproduce(
-        args.dataset, args.profile, run, resolve_device(args.device), attacks=chosen
+        args.dataset,
+        args.profile,
+        run,
+        resolve_device(args.device),
+        attacks=chosen,
+        baselines=tuple(d for d in defenses if d != "fm"),
     )
     for name, row in results["table2"].items():
         print(f"{name:>16}: no defense {row['no_defense']:.4f}  FM-Defense {row['fm_defense']:.4f}")
@@ -183,6 +191,16 @@ def _train_magnet(args: argparse.Namespace) -> None:
     print(
         f"MagNet: VAL false-positive rate {m['val_fpr']:.4f}, thresholds {m['thresholds']} -> {out}"
     )
+
+
+def _train_defensegan(args: argparse.Namespace) -> None:
+    from fmdefense.baselines.defense_gan import run_train_defense_gan
+
+    out = args.out or Path("runs") / args.dataset / "defense_gan"
+    m = run_train_defense_gan(
+        args.dataset, out, resolve_device(args.device), epochs=args.epochs, limit=args.limit
+    )
+    print(f"Defense-GAN: VAL false-positive rate {m['val_fpr']:.4f} -> {out}")
 
 
 def _evaluate_vae(args: argparse.Namespace) -> None:
@@ -291,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", choices=("quick", "paper"), default="quick")
     p.add_argument("--attacks", nargs="+", default=None, help="subset: fgsm deepfool_linf cw_l2")
     p.add_argument("--out", type=Path, default=None, help="run folder (runs/D/reproduce-P)")
+    p.add_argument(
+        "--defenses",
+        nargs="+",
+        default=["fm,recon,magnet,defensegan"],
+        help="comma- or space-separated: fm (always), recon, magnet, defensegan",
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:N]")
     p.set_defaults(func=_reproduce)
 
@@ -299,6 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="artifact folder (runs/D/magnet)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:N]")
     p.set_defaults(func=_train_magnet)
+    p = train.add_parser("defensegan", help="train the Defense-GAN baseline's WGAN-GP generator")
+    p.add_argument("--dataset", choices=("mnist", "fmnist"), required=True)
+    p.add_argument("--out", type=Path, default=None, help="artifact folder (runs/D/defense_gan)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--limit", type=int, default=None, help="use only N training images")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:N]")
+    p.set_defaults(func=_train_defensegan)
 
     ev = sub.add_parser("evaluate", help="measure artifacts").add_subparsers(
         dest="what", required=True

@@ -61,7 +61,7 @@ class DefenseGANConfig:
     in_channels: int = 1
     image_size: tuple[int, int] = (28, 28)  # both sides divisible by 4
     z_dim: int = 128
-    width: int = 64  # base channels of generator and critic
+    width: int = 32  # 64 made the search 3–4× slower on this CPU
     # WGAN-GP training
     gp_weight: float = 10.0
     n_critic: int = 5  # critic updates per generator update
@@ -204,10 +204,21 @@ class DefenseGAN(nn.Module):
         pick = best * B + torch.arange(B, device=best.device)
         return Projection(z[pick], recon[pick], err[pick])
 
-    def project(self, x: torch.Tensor) -> Projection:
-        """z* = argmin over R restarts × L steps of ‖G(z) − x‖², in batches of images."""
+    def starts(self, n: int) -> torch.Tensor:
+        """The starts (n, R, z_dim) `project` uses for n images (row i: the i-th image's)."""
+        return self._starts(n)
+
+    def project(self, x: torch.Tensor, starts: torch.Tensor | None = None) -> Projection:
+        """z* = argmin over R restarts × L steps of ‖G(z) − x‖², in batches of images.
+
+        `starts` (n, R', z_dim) replaces the seeded starts (attacks resample them for EOT).
+        """
         check_images(x, channels=self.cfg.in_channels, size=self.cfg.image_size)
-        z0 = self._starts(len(x))
+        z0 = self._starts(len(x)) if starts is None else starts
+        if z0.ndim != 3 or z0.shape[0] != len(x) or z0.shape[2] != self.cfg.z_dim:
+            raise InputError(
+                f"starts must have shape ({len(x)}, R, {self.cfg.z_dim}), got {tuple(z0.shape)}"
+            )
         bs = self.cfg.search_batch_size
         was_training = self.generator.training
         self.generator.eval()  # batch norm in eval mode: each image's search is independent

@@ -227,6 +227,28 @@ def roc(cle: SetOutputs, adv: dict[str, SetOutputs], path: Path) -> dict:
     return data
 
 
+def roc_by_defense(scores: dict[str, dict[str, torch.Tensor]], path: Path) -> dict[str, Any]:
+    """One ROC panel per attack with a curve per defense; each defense's scores are
+    {"CLE": (n,), attack: (n,)} (higher = more suspicious), compared on the images it scored."""
+    attacks = sorted({k for s in scores.values() for k in s if k != "CLE"})
+    fig, axes = plt.subplots(1, max(len(attacks), 1), figsize=(4 * max(len(attacks), 1), 3.8))
+    axes = np.atleast_1d(axes)
+    data: dict[str, Any] = {}
+    for ax, attack in zip(axes, attacks, strict=False):
+        for defense, s in scores.items():
+            if attack not in s or not len(s["CLE"]):
+                continue
+            fpr, tpr = roc_curve(s["CLE"], s[attack])
+            auc = roc_auc(s["CLE"], s[attack])
+            data.setdefault(defense, {})[attack] = {"auc": auc, "n": len(s[attack])}
+            ax.plot(fpr, tpr, label=f"{defense} ({auc:.3f}, n={len(s[attack])})")
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set(xlabel="false-positive rate (CLE)", ylabel="detection rate", title=attack)
+        ax.legend(fontsize=7)
+    _save(fig, path)
+    return data
+
+
 def score_detection(clean: torch.Tensor, adv: dict[str, torch.Tensor]) -> dict[str, Any]:
     """AUC and TPR at fixed FPR for any scalar suspicion score (higher = more suspicious)."""
     return {

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from fmdefense.attacks.runner import AdversarialSet, attack_set, load_adversarial_set
+from fmdefense.baselines.defense_gan import DefenseGAN
 from fmdefense.baselines.magnet import MagNet, run_train_magnet
 from fmdefense.baselines.recon_check import ReconCheckConfig, ReconstructionCheck
 from fmdefense.chunks import config_hash
@@ -24,10 +25,11 @@ from fmdefense.defense.detector import FMDefense, FMDefenseConfig, fingerprint_t
 from fmdefense.defense.jobs import load_models
 from fmdefense.defense.purifier import Z_U_MODES
 from fmdefense.defense.thresholds import distance_threshold, thresholds
-from fmdefense.errors import ArtifactError
+from fmdefense.errors import ArtifactError, InputError
 from fmdefense.evaluation import experiments as ex
 from fmdefense.evaluation.metrics import accuracy, defended_accuracy_on_adv
 from fmdefense.evaluation.report import render
+from fmdefense.paths import weights_home
 from fmdefense.training.checkpoint import (
     atomic_write_bytes,
     load_tensors,
@@ -52,6 +54,7 @@ class Profile:
     magnet_epochs: int = 10
     magnet_limit: int | None = None  # MagNet trains on the first N combo-VAE training images
     precision: str = "fp32"  # morph decode+classify: fp32, or bf16 autocast (1.6x faster here)
+    defensegan_limit: int | None = 500  # first N images of each set (its search: ~0.2 s/image)
     seed: int = 0
 
 
@@ -60,8 +63,11 @@ PROFILES: dict[str, Profile] = {
     # bf16 so that 44 M morphs fit a few hours on 2 cores (guide: mean |Δr| 0.0003 vs fp32).
     "paper": Profile("paper", None, None, 100, ATTACKS, precision="bf16"),
     # 300 VAL images cannot support ρ = 0.999 (it allows 0.3 flagged images per code).
-    "quick": Profile("quick", 300, 200, 20, ATTACKS, rho=0.99, magnet_epochs=3),
+    "quick": Profile(
+        "quick", 300, 200, 20, ATTACKS, rho=0.99, magnet_epochs=3, defensegan_limit=50
+    ),
 }
+BASELINES = ("recon", "magnet", "defensegan")
 
 
 def _attack_name(attack: str, setting: str) -> str:
@@ -179,13 +185,17 @@ def recon_baseline(
     x_cle: torch.Tensor,
     y_cle: torch.Tensor,
     adv_sets: dict[str, AdversarialSet],
-) -> dict[str, Any]:
-    """The one-decode reconstruction check on the same sets: detection, Table II at two ρ."""
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The one-decode reconstruction check on the same sets: detection, Table II at two ρ;
+    and the scores of its z_u = feature reading (the better detector so far)."""
     out: dict[str, Any] = {}
+    scores: dict[str, torch.Tensor] = {}
     for z_u_mode in Z_U_MODES:
         check = ReconstructionCheck(clf, vae, ReconCheckConfig(z_u_mode=z_u_mode))
         s_cle = check.score(x_cle)
         s_adv = {name: check.score(a.x_adv) for name, a in adv_sets.items()}
+        if z_u_mode == "feature":
+            scores = {"CLE": s_cle, **s_adv}
         row: dict[str, Any] = {"detection": ex.score_detection(s_cle, s_adv)}
         for rho in (0.99, 0.95):
             check.config = ReconCheckConfig(rho=rho, z_u_mode=z_u_mode)
@@ -198,7 +208,7 @@ def recon_baseline(
                 table[name] = defended_accuracy_on_adv(check.predict(a.x_adv), a.y_true)
             row[f"table2_rho_{rho}"] = table
         out[z_u_mode] = row
-    return out
+    return out, scores
 
 
 def magnet_baseline(
@@ -210,7 +220,7 @@ def magnet_baseline(
     y_cle: torch.Tensor,
     adv_sets: dict[str, AdversarialSet],
     device: torch.device,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """MagNet on the same sets (its autoencoders trained once per run folder, then reused)."""
     folder = run / "magnet"
     try:
@@ -229,11 +239,69 @@ def magnet_baseline(
     for name, a in adv_sets.items():
         labels = magnet.predict(clf, a.x_adv.to(device)).cpu()
         table[name] = defended_accuracy_on_adv(labels, a.y_true)
-    return {
+    result = {
         "detection": ex.score_detection(s_cle, s_adv),
         "table2": table,
         "clean_flagged": float((s_cle > 1).float().mean()),
     }
+    return result, {"CLE": s_cle, **s_adv}
+
+
+def defensegan_dir(dataset: str) -> Path:
+    """Shipped Defense-GAN weights of a dataset (trained by `fmdefense train defensegan`)."""
+    return weights_home() / dataset / "defense_gan"
+
+
+def defensegan_baseline(
+    run: Path,
+    dataset: str,
+    profile: Profile,
+    clf: torch.nn.Module,
+    x_cle: torch.Tensor,
+    y_cle: torch.Tensor,
+    adv_sets: dict[str, AdversarialSet],
+    device: torch.device,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Defense-GAN (shipped generator) on the first `defensegan_limit` images of each set;
+    each set's scores and labels are cached, so a killed run keeps finished sets."""
+    folder = defensegan_dir(dataset)
+    try:
+        gan = DefenseGAN.load(folder, device).eval()
+    except ArtifactError as exc:
+        log.warning("Defense-GAN skipped: %s", exc)
+        fix = f"fmdefense train defensegan --dataset {dataset} --out {folder}"
+        return {"skipped": f"no weights in {folder}: {fix}"}, {}
+    n = profile.defensegan_limit
+    sets = {"CLE": (x_cle[:n], y_cle[:n])}
+    sets |= {k: (a.x_adv[:n], a.y_true[:n]) for k, a in adv_sets.items()}
+    scores, table = {}, {}
+    model_key = fingerprint_tensor(torch.cat([t.flatten() for t in gan.state_dict().values()]))
+    for name, (x, y) in sets.items():
+        key = config_hash({"input": fingerprint_tensor(x), "model": model_key, "cfg": gan.cfg})
+        path = run / "defense_gan" / f"{name}-{key}.safetensors"
+        if path.is_file():
+            out = load_tensors(path)
+        else:
+            s, labels = gan.score_and_predict(clf, x.to(device))
+            out = {"score": s.cpu(), "labels": labels.cpu()}
+            save_tensors(path, out)
+        scores[name] = out["score"] / float(gan.threshold)  # > 1: flagged
+        table[name] = (
+            accuracy(out["labels"], y)
+            if name == "CLE"
+            else defended_accuracy_on_adv(out["labels"], y)
+        )
+    table["clean"] = table.pop("CLE")
+    result = {
+        "detection": ex.score_detection(
+            scores["CLE"], {k: v for k, v in scores.items() if k != "CLE"}
+        ),
+        "table2": table,
+        "clean_flagged": float((scores["CLE"] > 1).float().mean()),
+        "n_per_set": len(sets["CLE"][1]),
+        "search": {"restarts": gan.cfg.restarts, "steps": gan.cfg.search_steps},
+    }
+    return result, scores
 
 
 def run_reproduce(
@@ -244,8 +312,13 @@ def run_reproduce(
     *,
     attacks: tuple[tuple[str, str], ...] | None = None,
     overrides: dict[str, Any] | None = None,
+    baselines: tuple[str, ...] = BASELINES,
 ) -> dict[str, Any]:
-    """The whole evaluation of one dataset at one profile; returns results.json's content."""
+    """The whole evaluation of one dataset at one profile; returns results.json's content.
+    FM-Defense always runs (the figures are its); `baselines` picks the others."""
+    unknown = set(baselines) - set(BASELINES)
+    if unknown:
+        raise InputError(f"unknown baselines {sorted(unknown)}; choose from {BASELINES}")
     t0 = time.perf_counter()
     profile = PROFILES[profile_name]
     if attacks is not None:
@@ -270,8 +343,22 @@ def run_reproduce(
     for name, adv in adv_sets.items():
         raw[name] = stage_set_outputs(run, name, defense, adv.x_adv, adv.y_true)
     results = experiments(run, dataset, profile, defense, raw, x_cle, adv_sets)
-    results["recon_check"] = recon_baseline(clf, vae, x_val, x_cle, y_cle, adv_sets)
-    results["magnet"] = magnet_baseline(run, dataset, profile, clf, x_cle, y_cle, adv_sets, device)
+    fm = {"CLE": ex.suspicion(raw["CLE"]["resistance"])}
+    fm |= {k: ex.suspicion(v["resistance"]) for k, v in raw.items() if k != "CLE"}
+    scores = {"FM-Defense": fm}
+    if "recon" in baselines:
+        results["recon_check"], scores["recon check"] = recon_baseline(
+            clf, vae, x_val, x_cle, y_cle, adv_sets
+        )
+    if "magnet" in baselines:
+        results["magnet"], scores["MagNet"] = magnet_baseline(
+            run, dataset, profile, clf, x_cle, y_cle, adv_sets, device
+        )
+    if "defensegan" in baselines:
+        results["defense_gan"], scores["Defense-GAN"] = defensegan_baseline(
+            run, dataset, profile, clf, x_cle, y_cle, adv_sets, device
+        )
+    results["roc_defenses"] = ex.roc_by_defense(scores, run / "roc_defenses.png")
     results["meta"]["seconds"] = time.perf_counter() - t0
     write_json(run / "results.json", results)
     atomic_write_bytes(run / "report.md", render(results).encode())

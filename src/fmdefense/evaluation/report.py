@@ -22,6 +22,7 @@ PAPER_FIGURES = {
     "overall best ≈ 80 % at unified θ = 30 %",
     "figure5": "paper Figure 5: recall > 95 %, final accuracy ≈ 99 % at η = 100 %",
     "roc": "not in the paper",
+    "roc_defenses": "not in the paper (its baselines' figures were quoted, not measured)",
     "figure6": "paper Figure 6: purified digits keep their class; FactorVAE loses it",
 }
 
@@ -39,7 +40,7 @@ def table2_markdown(table: dict[str, Any], dataset: str) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name, row in table.items():
-        q = quoted.get(name, {})
+        q = quoted.get(name.split("-")[0], {})
         lines.append(
             f"| {name} | {row['n']} | {_pct(row['no_defense'])} | {_pct(row['fm_defense'])} | "
             f"{_pct(row.get('fm_defense_plain', row['fm_defense']))} | "
@@ -88,6 +89,68 @@ def _recon_section(results: dict[str, Any]) -> list[str]:
                 f"{_pct(d['tpr_at_fpr_0.01'])} / {_pct(d['tpr_at_fpr_0.05'])} |"
             )
     return [*lines, ""]
+
+
+def side_by_side_markdown(results: dict[str, Any], dataset: str) -> str:
+    """Table II with every defense measured on the same sets, the paper's figures quoted."""
+    quoted = PAPER_TABLE2_MNIST if dataset == "mnist" else {}
+    t2, joint = results["table2"], results["table2_joint_fpr_5pct"]
+    recon = results.get("recon_check", {}).get("feature", {}).get("table2_rho_0.99", {})
+    magnet = results.get("magnet", {}).get("table2", {})
+    gan = results.get("defense_gan", {})
+    n_gan = gan.get("n_per_set", "–")
+    lines = [
+        "| set | no defense | FM-Defense | FM-Defense (joint, VAL FPR ≤ 5 %) | recon check "
+        f"(ρ = 0.99) | MagNet | Defense-GAN (first {n_gan}) | paper: FM-Defense | "
+        "paper: MagNet | paper: Defense-GAN |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in t2.items():
+        q = quoted.get(name.split("-")[0], {})
+        lines.append(
+            f"| {name} | {_pct(row['no_defense'])} | {_pct(row['fm_defense'])} | "
+            f"{_pct(joint[name]['fm_defense'])} | {_pct(recon.get(name))} | "
+            f"{_pct(magnet.get(name))} | {_pct(gan.get('table2', {}).get(name))} | "
+            f"{_pct(q.get('fm_defense'))} | {_pct(q.get('magnet'))} | "
+            f"{_pct(q.get('defense_gan'))} |"
+        )
+    return "\n".join(lines)
+
+
+def _side_by_side_section(results: dict[str, Any]) -> list[str]:
+    meta = results["meta"]
+    gan = results.get("defense_gan", {})
+    lines = [
+        "## All defenses on the same sets",
+        "",
+        "Accuracy; an adversarial input counts as defended when rejected or labelled correctly. "
+        "Paper columns are quoted from its Table II (other classifiers and attack settings), "
+        "not measured here.",
+        "",
+        side_by_side_markdown(results, meta["dataset"]),
+        "",
+    ]
+    if "skipped" in gan:
+        lines += [f"Defense-GAN: {gan['skipped']}.", ""]
+    elif gan:
+        lines += [
+            f"Defense-GAN: R = {gan['search']['restarts']} restarts × L = "
+            f"{gan['search']['steps']} steps (paper: 10 × 200), {_pct(gan['clean_flagged'])} of "
+            "its CLE images flagged.",
+            "",
+        ]
+    auc = results.get("roc_defenses", {})
+    if auc:
+        attacks = sorted({a for d in auc.values() for a in d})
+        lines += [
+            "| defense | " + " | ".join(f"AUC {a}" for a in attacks) + " |",
+            "|---|" + "---|" * len(attacks),
+        ]
+        for defense, row in auc.items():
+            cells = [f"{row[a]['auc']:.3f}" if a in row else "–" for a in attacks]
+            lines.append(f"| {defense} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def render(results: dict[str, Any]) -> str:
@@ -142,9 +205,12 @@ def render(results: dict[str, Any]) -> str:
         ],
         "",
         *_recon_section(results),
+        *_side_by_side_section(results),
         "## Figures",
         "",
     ]
     for key, caption in PAPER_FIGURES.items():
+        if key == "roc_defenses" and "roc_defenses" not in results:
+            continue
         out += [f"![{key}]({key}.png)", "", f"*Ours: `{key}.png`. Compare: {caption}.*", ""]
     return "\n".join(out)
