@@ -45,6 +45,7 @@ demo: data
 
 bench: setup
 	$(PY) benchmarks/morph_throughput.py
+	$(PY) benchmarks/defense_cost.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
