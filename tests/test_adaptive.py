@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from fmdefense.attacks.adaptive import (
-    ADAPTIVE_ATTACKS,
     AdaptiveConfig,
+    attacks_for,
     evaluate_adaptive,
     make_attack,
     margin,
@@ -73,7 +73,7 @@ def test_joint_beats_the_oblivious_attack_against_the_detector(defense: FMDefens
     assert torch.equal(joint.success, (label != y) & (label != REJECT_LABEL))
 
 
-@pytest.mark.parametrize("name", sorted(ADAPTIVE_ATTACKS))
+@pytest.mark.parametrize("name", sorted(attacks_for("fm")))
 def test_outputs_stay_in_the_box_and_the_ball_and_are_seeded(defense: FMDefense, name: str) -> None:
     x, y = toy_inputs()
     a = run_adaptive(name, defense, x, y, FAST)

@@ -23,6 +23,7 @@ DATASETS = ("mnist", "fmnist", "orl", "celeba")
 # Modules that add their own subcommands; one line each.
 COMMAND_MODULES: list[str] = [
     "fmdefense.attacks.commands",
+    "fmdefense.attacks.adaptive_commands",
 ]
 
 

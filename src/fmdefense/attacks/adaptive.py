@@ -1,12 +1,14 @@
-"""Defense-aware (adaptive) attacks on the whole FM-Defense pipeline (issue 7).
+"""Defense-aware (adaptive) attacks on FM-Defense, MagNet and Defense-GAN (issue 7).
 
 The paper's attackers know the classifier only. Here the attacker also knows the combo-VAE and
 the calibrated detector (codes, normal ranges, θ_r, θ_d, the z_u reading), as Carlini & Wagner
-(2017) and Tramèr et al. (2020) ask of every detection defense. An attack succeeds on an input
-when the *hard-decision* pipeline (`FMDefense.decide`) accepts it with a wrong label or purifies
-it to a wrong label; a rejected input, or one labelled correctly, is a failure.
+(2017) and Tramèr et al. (2020) ask of every detection defense; the baselines are attacked the
+same way. Every defense is judged by one rule on its hard decisions (`attacks.defended`): an
+attack succeeds on an input when the defense labels it (accepted, purified or reformed), does
+not reject it, and the label is wrong; a rejected input, or one labelled correctly, is a failure.
 
-Registry `ADAPTIVE_ATTACKS` (name → factory(classifier, vae, defense, config)):
+Registry `ADAPTIVE_ATTACKS` (name → factory(classifier, vae, defense, config); `attacks_for`
+lists those that apply to a defense kind, `default_config` gives an attack's default settings):
 
 - `joint`: PGD-L∞ on one differentiable objective — misclassify C(x′), keep the labels of
   morphs C(D(codes(x′) with code i shifted by Δ)) equal to C(x′)'s wrong class (expectation over
@@ -21,14 +23,22 @@ Registry `ADAPTIVE_ATTACKS` (name → factory(classifier, vae, defense, config))
   pipeline; it catches gradient masking the gradient attacks would miss.
 - `undefended`: PGD-L∞ on the classifier alone, success = C(x′) ≠ y (sanity: ~100 % at ε = 0.3
   on MNIST). With κ = 0 it is also the oblivious baseline: it stops at the first misclassification.
+- `magnet_joint` (MagNet): PGD-L∞ on a margin loss through the reformer, C(AE_I(x′)), plus hinges
+  keeping both detectors' reconstruction errors under their thresholds (Carlini & Wagner 2017).
+- `defensegan_bpda` (Defense-GAN): BPDA — the projection G(z*(x′)) runs forward with the
+  defense's own search and is the identity backward — plus a hinge on ‖G(z*) − x′‖² with z*
+  fixed, under the detection threshold. 20 steps by default: every step runs a search.
+- `cw_transfer` applies to all three defenses; `joint`, `latent` and `square` to FM-Defense.
 
 The PGD attacks share one loop (`PGDAttack.run`, template method): each supplies `loss(x′)`
 (per example, lower is better for the attacker); the loop does signed-gradient steps, projects onto
 the ε-ball ∩ [0, 1], restarts from random points, follows a step-size schedule, checks success on
 the hard-decision pipeline every `check_every` steps and freezes an input at its first success.
 
-`evaluate_adaptive` sweeps ε and returns a JSON-serialisable dict: robust accuracy with rejection,
-attack success, the clean accept rate at the same thresholds, and the sanity checks.
+`evaluate_adaptive` sweeps ε (`evaluate_eps` runs one ε) and returns a JSON-serialisable dict:
+robust accuracy with rejection, attack success, the clean accept rate at the same thresholds, and
+the sanity checks (`sanity_checks`). `fmdefense adaptive` (`adaptive_commands`) runs the same
+units resumably from the command line.
 """
 
 from __future__ import annotations
@@ -42,12 +52,20 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from fmdefense.defense.detector import ACCEPT, PURIFY, REJECT_LABEL, FMDefense, MorphableVAE
+from fmdefense.attacks.defended import (
+    Defended,
+    as_defended,
+    defended_success,
+    outcome_rates,
+)
+from fmdefense.baselines.defense_gan import DefenseGAN
+from fmdefense.baselines.magnet import MagNet
+from fmdefense.defense.detector import REJECT_LABEL, FMDefense, MorphableVAE
 from fmdefense.defense.morphs import MorphConfig, draw_table, natural_deltas
 from fmdefense.defense.ranges import code_values
 from fmdefense.defense.thresholds import NEVER
@@ -58,6 +76,7 @@ log = logging.getLogger(__name__)
 
 SCHEDULES = ("halving", "cosine", "constant")
 MORPH_SOURCES = ("fresh", "defense")
+BPDA_STARTS = ("defense", "fresh")
 
 
 @dataclass(frozen=True)
@@ -90,6 +109,12 @@ class AdaptiveConfig:
     square_queries: int = 200
     square_p_init: float = 0.1  # initial share of pixels in the square
     w_detect: float = 10.0  # square: weight of the resistance deficit in the score
+    # magnet_joint, defensegan_bpda: stay under the baseline's detection thresholds
+    w_stealth: float = 10.0  # weight of the hinge on score/threshold
+    stealth_margin: float = 0.1  # the hinge pulls until score ≤ (1 − margin) · threshold
+    # defensegan_bpda: starts of the forward search (defense: its own seeded starts, the exact
+    # white box; fresh: new random starts each step, EOT with one draw per step)
+    bpda_starts: str = "defense"
     batch_size: int = 64  # inputs attacked together
     seed: int = 0
 
@@ -100,6 +125,10 @@ class AdaptiveConfig:
             raise InputError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.morph_source not in MORPH_SOURCES:
             raise InputError(f"morph_source must be one of {MORPH_SOURCES}")
+        if self.bpda_starts not in BPDA_STARTS:
+            raise InputError(f"bpda_starts must be one of {BPDA_STARTS}, got {self.bpda_starts!r}")
+        if not 0 <= self.stealth_margin < 1:
+            raise InputError(f"stealth_margin must lie in [0, 1), got {self.stealth_margin}")
         counts = {
             "steps": self.steps,
             "restarts": self.restarts,
@@ -114,7 +143,7 @@ class AdaptiveConfig:
         for name, value in counts.items():
             if int(value) != value or value < 1:
                 raise InputError(f"{name} must be a positive integer, got {value}")
-        weights = ("kappa", "w_cls", "w_morph", "w_purify", "w_latent", "w_detect")
+        weights = ("kappa", "w_cls", "w_morph", "w_purify", "w_latent", "w_detect", "w_stealth")
         for name in weights:
             if not getattr(self, name) >= 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -214,41 +243,68 @@ def _logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.T
     )
 
 
-def pipeline_success(defense: FMDefense, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Hard-decision success (n,): accepted with a wrong label or purified to a wrong label."""
-    label = defense.decide(x_adv).label
-    return (label != y) & (label != REJECT_LABEL)
+def pipeline_success(
+    defense: FMDefense | Defended, x_adv: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    """Hard-decision success (n,): labelled (accepted or purified), not rejected, and wrong."""
+    return defended_success(as_defended(defense), x_adv, y)
 
 
 # ---------------------------------------------------------------------- attack classes
 
 
+AnyDefense = FMDefense | MagNet | DefenseGAN
+
+
 class AdaptiveAttack(ABC):
-    """An attack on the defended pipeline; models are given at construction, inputs at `run`."""
+    """An attack on the defended pipeline; models are given at construction, inputs at `run`.
+
+    `defense_types` are the defenses the attack knows how to attack; `target` is the defense's
+    `Defended` adapter, whose hard decisions judge success.
+    """
 
     needs_defense = True
+    defense_types: tuple[type, ...] = (FMDefense,)
+    # AdaptiveConfig fields whose AdaptiveConfig default does not suit this attack
+    default_overrides: ClassVar[dict[str, Any]] = {}
 
     def __init__(
         self,
         classifier: nn.Module,
         vae: MorphableVAE | None,
-        defense: FMDefense | None,
+        defense: AnyDefense | None,
         config: AdaptiveConfig,
     ) -> None:
+        self.target: Defended | None = None
         if self.needs_defense:
+            name = type(self).__name__
             if defense is None:
-                raise InputError(f"{type(self).__name__} attacks a defense: pass a fitted one")
-            if not hasattr(defense, "theta_"):
+                raise InputError(f"{name} attacks a defense: pass a fitted one")
+            if not isinstance(defense, self.defense_types):
+                kinds = " or ".join(t.__name__ for t in self.defense_types)
+                raise InputError(f"{name} attacks {kinds}, got {type(defense).__name__}")
+            if isinstance(defense, FMDefense) and not hasattr(defense, "theta_"):
                 raise NotFittedError("the defense is not calibrated: call defense.fit(x_val)")
+            self.target = as_defended(defense, classifier)  # raises NotFittedError if unfitted
         self.classifier = classifier
         self.vae = vae
         self.defense = defense
         self.config = config
 
+    @property
+    def fm(self) -> FMDefense:
+        """The defense, for attacks on FM-Defense only."""
+        assert isinstance(self.defense, FMDefense)
+        return self.defense
+
     def success(self, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Default criterion: the hard-decision defended pipeline is fooled. (n,) bool"""
-        assert self.defense is not None
-        return pipeline_success(self.defense, x_adv, y)
+        assert self.target is not None
+        return defended_success(self.target, x_adv, y)
+
+    def success_at(self, x_adv: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """`success` of the run's inputs `idx` (for defenses whose decision depends on them)."""
+        return self.success(x_adv, y)
 
     def _check_inputs(self, x: object, y: object) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = getattr(self.classifier, "cfg", None)
@@ -270,7 +326,7 @@ class AdaptiveAttack(ABC):
         `pool` (images, labels) supplies guide images for `latent` (default: the batch itself).
         """
         x, y = self._check_inputs(x, y)
-        _eval_mode(self.classifier, self.vae)
+        _eval_mode(self.classifier, self.vae, self.defense)
         t0 = time.perf_counter()
         x_adv, success = self._run(x, y, pool)
         return AttackResult(x_adv, success, time.perf_counter() - t0)
@@ -301,7 +357,8 @@ class PGDAttack(AdaptiveAttack):
         cfg = self.config
         gen = torch.Generator().manual_seed(cfg.seed)
         self.prepare(x, y, pool)
-        x_out, done = x.clone(), self.success(x, y)  # inputs already fooling need no attack
+        done = self.success_at(x, y, torch.arange(len(x)))  # already fooling: no attack
+        x_out = x.clone()
         best_loss = torch.full((len(x),), float("inf"))
         for restart in range(cfg.restarts):
             todo = (~done).nonzero().flatten()
@@ -362,7 +419,7 @@ class PGDAttack(AdaptiveAttack):
         best_loss: torch.Tensor,
     ) -> None:
         """Check success on the hard pipeline; freeze successes; keep the lowest-loss fallback."""
-        ok = self.success(x_adv[rows], y0[rows])  # (r,)
+        ok = self.success_at(x_adv[rows], y0[rows], idx[rows])  # (r,)
         g = idx[rows]
         better = ~ok & (loss < best_loss[g])
         for mask in (ok, better):
@@ -392,8 +449,7 @@ class JointPGD(PGDAttack):
     def prepare(
         self, x: torch.Tensor, y: torch.Tensor, pool: tuple[torch.Tensor, torch.Tensor] | None
     ) -> None:
-        d = self.defense
-        assert d is not None
+        d = self.fm
         active = d.code_idx_[d.theta_ > NEVER]  # codes that flag nothing need no care
         self.active_codes = active.long()
         self.morph_cfg: MorphConfig = d.config.morph
@@ -403,9 +459,8 @@ class JointPGD(PGDAttack):
         self, values: torch.Tensor, codes: torch.Tensor, gen: torch.Generator
     ) -> torch.Tensor:
         """Shifts (n, k, V) of the sampled codes, drawn by the defense's widening search."""
-        assert self.defense is not None
         cfg = self.config
-        lo, hi = self.defense.lo_[codes], self.defense.hi_[codes]
+        lo, hi = self.fm.lo_[codes], self.fm.hi_[codes]
         mc = self.morph_cfg
         if cfg.morph_source == "defense":
             table = self.defense_table[:, codes]
@@ -418,8 +473,8 @@ class JointPGD(PGDAttack):
     def loss(
         self, x_adv: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, gen: torch.Generator
     ) -> torch.Tensor:
-        cfg, d, vae = self.config, self.defense, self.vae
-        assert d is not None and vae is not None
+        cfg, d, vae = self.config, self.fm, self.vae
+        assert vae is not None
         logits = self.classifier(x_adv).float()
         target = best_wrong_class(logits, y)  # (n,)
         total = cfg.w_cls * margin(logits, y, cfg.kappa)
@@ -523,8 +578,7 @@ class SquareSearch(AdaptiveAttack):
     """
 
     def _score(self, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        d, cfg = self.defense, self.config
-        assert d is not None
+        d, cfg = self.fm, self.config
         dec = d.decide(x_adv)
         fooled = (dec.label != y) & (dec.label != REJECT_LABEL)
         need = d.theta_.view(1, -1) + 1.0 / d.config.n_morphs  # r_i must exceed θ_i
@@ -569,8 +623,106 @@ class SquareSearch(AdaptiveAttack):
         return x_best, torch.isinf(score) & (score < 0)
 
 
+class MagNetJointPGD(PGDAttack):
+    """MagNet's adaptive attack: through the reformer, under both detectors' thresholds.
+
+    As Carlini & Wagner (2017, "MagNet and 'efficient defenses against adversarial attacks' are
+    not robust to adversarial examples") attack the defense they know: one loss, minimised by
+    the shared PGD loop, = w_cls · margin(C(AE_I(x′)), y) (the label MagNet gives an accepted
+    input is that of the reformed image) + w_stealth · Σ_j max(e_j(x′)/τ_j − (1 − m), 0) over
+    detector I (mean squared error of AE_I) and detector II (mean absolute error of AE_II), so
+    each error is pushed below its threshold τ_j by the relative margin m = `stealth_margin`.
+    """
+
+    defense_types = (MagNet,)
+
+    def loss(
+        self, x_adv: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, gen: torch.Generator
+    ) -> torch.Tensor:
+        cfg, magnet = self.config, self.defense
+        assert isinstance(magnet, MagNet)
+        reformed = magnet.ae1(x_adv)  # (n, C, H, W)
+        e1 = (reformed - x_adv).pow(2).flatten(1).mean(1)
+        e2 = (magnet.ae2(x_adv) - x_adv).abs().flatten(1).mean(1)
+        ratio = torch.stack([e1, e2], 1) / magnet.thresholds.to(x_adv.device)  # (n, 2)
+        hinge = (ratio - (1 - cfg.stealth_margin)).clamp(min=0).sum(1)
+        wrong = margin(self.classifier(reformed).float(), y, cfg.kappa)
+        return cfg.w_cls * wrong + cfg.w_stealth * hinge.float()
+
+
+class DefenseGANBPDA(PGDAttack):
+    """BPDA on Defense-GAN's projection (Athalye, Carlini & Wagner 2018).
+
+    Forward: x̂ = G(z*(x′)) from the defense's own search (R restarts × L steps, its settings).
+    Backward: the projection is treated as the identity, so the gradient of the margin loss at
+    G(z*) is applied to x′ (x̂ = x′ + stop_grad(G(z*) − x′)). A second term keeps the detector
+    quiet: w_stealth · max(‖G(z*) − x′‖²/τ − (1 − m), 0) with z* held fixed (its gradient
+    2(x′ − G(z*)) pulls x′ toward its own projection).
+
+    `bpda_starts="defense"` (default) runs the search from the defense's seeded starts for each
+    input's position in the run: the forward pass is then exactly the deterministic defense the
+    final judgement runs (judge the returned set in the same order), and the success check at a
+    step reuses that step's search. `bpda_starts="fresh"` draws new starts every step (EOT over
+    the restarts with one draw per step) and checks success with a separate search.
+
+    Cost: one search per live input per step (≈ 0.3–0.6 s per MNIST image on 2 busy cores at
+    L = 100, R = 4), so the defaults are 20 steps with a check every 5 (`default_overrides`).
+    """
+
+    defense_types = (DefenseGAN,)
+    default_overrides: ClassVar[dict[str, Any]] = {"steps": 20, "check_every": 5}
+
+    def prepare(
+        self, x: torch.Tensor, y: torch.Tensor, pool: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> None:
+        assert isinstance(self.defense, DefenseGAN)
+        self.starts = self.defense.starts(len(x))  # (n, R, z_dim): the defense's own, by position
+        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _labels(self, recon: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
+        """The hard decision from one search: C(G(z*)), or REJECT_LABEL above the threshold."""
+        gan = self.defense
+        assert isinstance(gan, DefenseGAN)
+        labels = _logits(self.classifier, recon).argmax(1)
+        flagged = error.cpu() > gan.threshold.cpu()
+        return torch.where(flagged, torch.full_like(labels, REJECT_LABEL), labels)
+
+    def loss(
+        self, x_adv: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, gen: torch.Generator
+    ) -> torch.Tensor:
+        cfg, gan = self.config, self.defense
+        assert isinstance(gan, DefenseGAN)
+        x_now = x_adv.detach()
+        starts = self.starts[idx]
+        if cfg.bpda_starts == "fresh":
+            starts = torch.randn(starts.shape, generator=gen)
+        p = gan.project(x_now, starts.to(gan.device))
+        recon = p.recon.detach().to(x_adv.device)
+        if cfg.bpda_starts == "defense":  # this search is the defense's decision on x_now
+            self._last = (x_now.cpu().clone(), idx.clone(), self._labels(recon, p.error))
+        x_hat = x_adv + (recon - x_adv).detach()  # value G(z*), gradient identity (BPDA)
+        error = (recon - x_adv).pow(2).flatten(1).sum(1)  # z* held fixed
+        hinge = (error / gan.threshold.to(x_adv.device) - (1 - cfg.stealth_margin)).clamp(min=0)
+        wrong = margin(self.classifier(x_hat).float(), y, cfg.kappa)
+        return cfg.w_cls * wrong + cfg.w_stealth * hinge.float()
+
+    def success_at(self, x_adv: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        gan = self.defense
+        assert isinstance(gan, DefenseGAN)
+        last = self._last
+        if last is not None and torch.equal(last[1], idx) and torch.equal(last[0], x_adv):
+            labels = last[2]
+        else:
+            p = gan.project(x_adv, self.starts[idx].to(gan.device))
+            labels = self._labels(p.recon, p.error)
+        return (labels != y.cpu()) & (labels != REJECT_LABEL)
+
+
+# The gradient-free and transfer attacks judge any defense by its hard decisions.
+CWTransfer.defense_types = (FMDefense, MagNet, DefenseGAN)
+
 AttackFactory = Callable[
-    [nn.Module, MorphableVAE | None, FMDefense | None, AdaptiveConfig], AdaptiveAttack
+    [nn.Module, MorphableVAE | None, AnyDefense | None, AdaptiveConfig], AdaptiveAttack
 ]
 ADAPTIVE_ATTACKS: dict[str, AttackFactory] = {
     "joint": JointPGD,
@@ -578,71 +730,158 @@ ADAPTIVE_ATTACKS: dict[str, AttackFactory] = {
     "cw_transfer": CWTransfer,
     "square": SquareSearch,
     "undefended": UndefendedPGD,
+    "magnet_joint": MagNetJointPGD,
+    "defensegan_bpda": DefenseGANBPDA,
 }
+# The adaptive attack each defense is judged by first (the CLI's default).
+DEFAULT_ATTACK = {"fm": "joint", "magnet": "magnet_joint", "defensegan": "defensegan_bpda"}
+
+
+def _factory(name: str) -> AttackFactory:
+    if name not in ADAPTIVE_ATTACKS:
+        raise InputError(
+            f"unknown adaptive attack {name!r}; choose one of {', '.join(ADAPTIVE_ATTACKS)}"
+        )
+    return ADAPTIVE_ATTACKS[name]
+
+
+def attacks_for(kind: str) -> list[str]:
+    """Registered attacks that apply to a defense kind ("fm", "magnet", "defensegan")."""
+    types = {"fm": FMDefense, "magnet": MagNet, "defensegan": DefenseGAN}
+    if kind not in types:
+        raise InputError(f"unknown defense kind {kind!r}; choose one of {', '.join(types)}")
+    return [
+        name
+        for name, factory in ADAPTIVE_ATTACKS.items()
+        if not getattr(factory, "needs_defense", True)
+        or types[kind] in getattr(factory, "defense_types", ())
+    ]
+
+
+def default_config(name: str, **changes: Any) -> AdaptiveConfig:
+    """AdaptiveConfig with the attack's own defaults (e.g. few steps for defensegan_bpda)."""
+    overrides = dict(getattr(_factory(name), "default_overrides", {}))
+    return AdaptiveConfig(**{**overrides, **changes})
 
 
 def make_attack(
     name: str,
-    defense: FMDefense | None,
+    defense: AnyDefense | None,
     config: AdaptiveConfig | None = None,
     *,
     classifier: nn.Module | None = None,
     vae: MorphableVAE | None = None,
 ) -> AdaptiveAttack:
-    """Build a registered attack; classifier and vae default to the defense's own."""
-    if name not in ADAPTIVE_ATTACKS:
+    """Build a registered attack; classifier and vae default to the defense's own.
+
+    MagNet and Defense-GAN do not hold the classifier they protect: pass `classifier`.
+    The config defaults to `default_config(name)`.
+    """
+    factory = _factory(name)
+    if defense is not None and not isinstance(defense, FMDefense | MagNet | DefenseGAN):
         raise InputError(
-            f"unknown adaptive attack {name!r}; choose one of {', '.join(ADAPTIVE_ATTACKS)}"
+            f"defense must be an FMDefense, a MagNet or a DefenseGAN, got {type(defense).__name__}"
         )
-    if defense is not None and not isinstance(defense, FMDefense):
-        raise InputError(f"defense must be an FMDefense, got {type(defense).__name__}")
     classifier = classifier if classifier is not None else getattr(defense, "classifier", None)
     vae = vae if vae is not None else getattr(defense, "vae", None)
     if classifier is None:
         raise InputError("pass a classifier (or a defense that holds one)")
-    return ADAPTIVE_ATTACKS[name](classifier, vae, defense, config or AdaptiveConfig())
+    return factory(classifier, vae, defense, config or default_config(name))
 
 
 def run_adaptive(
     name: str,
-    defense: FMDefense | None,
+    defense: AnyDefense | None,
     x: torch.Tensor,
     y: torch.Tensor,
     config: AdaptiveConfig | None = None,
     *,
     pool: tuple[torch.Tensor, torch.Tensor] | None = None,
+    classifier: nn.Module | None = None,
 ) -> AttackResult:
-    """`make_attack(name, defense, config).run(x, y, pool=pool)`."""
-    return make_attack(name, defense, config).run(x, y, pool=pool)
+    """`make_attack(name, defense, config, classifier=classifier).run(x, y, pool=pool)`."""
+    return make_attack(name, defense, config, classifier=classifier).run(x, y, pool=pool)
 
 
 # ---------------------------------------------------------------------- evaluation
 
 
-def outcome_rates(defense: FMDefense, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
-    """Outcome shares of one input set under the hard-decision pipeline."""
-    dec = defense.decide(x)
-    n = len(y)
-    rejected = dec.label == REJECT_LABEL
-    wrong = (dec.label != y) & ~rejected
-    accepted = dec.action == ACCEPT
-    purified = dec.action == PURIFY
-    return {
-        "robust_accuracy_with_rejection": float((~wrong).float().mean()),
-        "attack_success": float(wrong.float().mean()),
-        "accept_rate": float(accepted.float().mean()),
-        "accepted_wrong": int((accepted & wrong).sum()),
-        "purified_wrong": int((purified & wrong).sum()),
-        "purified_right": int((purified & (dec.label == y)).sum()),
-        "rejected": int(rejected.sum()),
-        "classifier_wrong": int((dec.input_label != y).sum()),
-        "actions": dec.counts(),
-        "n": n,
+def evaluate_eps(
+    defense: AnyDefense,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attack: str,
+    eps: float,
+    *,
+    config: AdaptiveConfig | None = None,
+    pool: tuple[torch.Tensor, torch.Tensor] | None = None,
+    classifier: nn.Module | None = None,
+) -> dict[str, Any]:
+    """One attack at one ε, judged by the one rule on the defense's hard decisions.
+
+    Keys of `outcome_rates` plus eps, linf (largest ‖x′ − x‖∞), seconds, seconds_per_image and
+    attack_reported_success (the attack's own flags, for comparison with the judgement).
+    """
+    cfg = dataclasses.replace(config or default_config(attack), eps=float(eps))
+    attacker = make_attack(attack, defense, cfg, classifier=classifier)
+    x, y = attacker._check_inputs(x, y)
+    result = attacker.run(x, y, pool=pool)
+    row = outcome_rates(defense, result.x_adv, y, classifier=attacker.classifier)
+    n = len(x)
+    row.update(
+        eps=float(eps),
+        linf=float((result.x_adv - x).abs().amax()) if n else 0.0,
+        seconds=result.seconds,
+        seconds_per_image=result.seconds / max(n, 1),
+        attack_reported_success=float(result.success.float().mean()) if n else 0.0,
+    )
+    log.info(
+        "%s at eps %.3f: robust accuracy with rejection %.4f, success %.4f (%.2f s/image)",
+        attack,
+        eps,
+        row["robust_accuracy_with_rejection"],
+        row["attack_success"],
+        row["seconds_per_image"],
+    )
+    return row
+
+
+def undefended_success(
+    classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, config: AdaptiveConfig
+) -> float:
+    """Share of inputs PGD fools on the bare classifier at ε (sanity: ~100 % at large ε)."""
+    cfg = dataclasses.replace(config, eps=float(eps))
+    result = make_attack("undefended", None, cfg, classifier=classifier).run(x, y)
+    return float(result.success.float().mean()) if len(y) else 0.0
+
+
+def sanity_checks(
+    per_eps: Sequence[dict[str, Any]],
+    *,
+    double_budget: dict[str, Any] | None = None,
+    undefended: float | None = None,
+    unbounded: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The adaptive-attack literature's checks from rows of `evaluate_eps` (sorted by ε)."""
+    success = [row["attack_success"] for row in per_eps]
+    sanity: dict[str, Any] = {
+        "success_by_eps": success,
+        "success_non_decreasing_in_eps": all(b >= a for a, b in itertools.pairwise(success)),
     }
+    if double_budget is not None:
+        sanity["success_double_budget"] = double_budget["attack_success"]
+        sanity["more_budget_not_lower"] = double_budget["attack_success"] >= success[-1]
+    if undefended is not None:
+        sanity["undefended_success"] = undefended
+        sanity["undefended_reaches_100"] = undefended >= 0.99
+    if unbounded is not None:
+        sanity["unbounded_eps"] = unbounded["eps"]
+        sanity["success_unbounded"] = unbounded["attack_success"]
+    return sanity
 
 
 def evaluate_adaptive(
-    defense: FMDefense,
+    defense: AnyDefense,
     x: torch.Tensor,
     y: torch.Tensor,
     attack: str,
@@ -653,55 +892,44 @@ def evaluate_adaptive(
     check_budget: bool = True,
     check_undefended: bool = True,
     unbounded_eps: float | None = None,
+    classifier: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Sweep ε with one adaptive attack; JSON-serialisable results and sanity checks.
 
+    `defense` is an FMDefense, a MagNet or a DefenseGAN (the baselines need `classifier`).
     Per ε: robust accuracy with rejection (adversarial inputs safe when rejected or labelled y,
-    after purification where the defense purifies), attack success (wrong and not rejected),
-    the outcome counts, and the time per image. `clean` holds the clean accept rate at the same
-    thresholds. Sanity: success non-decreasing in ε; at the largest ε, twice the budget
-    (`check_budget`) does not lower success; undefended PGD reaches ~100 % at the largest ε
-    (`check_undefended`); with `unbounded_eps` (e.g. 1.0), success there (should be ~100 %).
+    after purification or reforming where the defense does so), attack success (labelled, not
+    rejected, and wrong), the accept rate, the defense's own counts, and the time per image.
+    `clean` holds the clean accept rate at the same thresholds. Sanity: success non-decreasing
+    in ε; at the largest ε, twice the budget (`check_budget`) does not lower success; undefended
+    PGD reaches ~100 % at the largest ε (`check_undefended`); with `unbounded_eps` (e.g. 1.0),
+    success there (should be ~100 %).
     """
     if not eps_list:
         raise InputError("eps_list is empty: give at least one ε")
     eps_sorted = sorted(float(e) for e in eps_list)
-    base = config or AdaptiveConfig()
-    x, y = make_attack(attack, defense, base)._check_inputs(x, y)  # name, defense, inputs
-    n = len(x)
+    base = config or default_config(attack)
+    attacker = make_attack(attack, defense, base, classifier=classifier)  # name, defense
+    x, y = attacker._check_inputs(x, y)
+    clf = attacker.classifier
 
     def one(eps: float, cfg: AdaptiveConfig) -> dict[str, Any]:
-        result = run_adaptive(attack, defense, x, y, dataclasses.replace(cfg, eps=eps), pool=pool)
-        row = outcome_rates(defense, result.x_adv, y)
-        linf = float((result.x_adv - x).abs().amax()) if n else 0.0
-        row.update(eps=eps, linf=linf, seconds=result.seconds, seconds_per_image=result.seconds / n)
-        return row
+        return evaluate_eps(defense, x, y, attack, eps, config=cfg, pool=pool, classifier=clf)
 
+    top = eps_sorted[-1]
     per_eps = [one(e, base) for e in eps_sorted]
-    success = [row["attack_success"] for row in per_eps]
-    sanity: dict[str, Any] = {
-        "success_by_eps": success,
-        "success_non_decreasing_in_eps": all(b >= a for a, b in itertools.pairwise(success)),
-    }
-    if check_budget:
-        more = one(eps_sorted[-1], base.with_budget(2))
-        sanity["success_double_budget"] = more["attack_success"]
-        sanity["more_budget_not_lower"] = more["attack_success"] >= success[-1]
-    if check_undefended:
-        und = run_adaptive(
-            "undefended", defense, x, y, dataclasses.replace(base, eps=eps_sorted[-1])
-        )
-        rate = float(und.success.float().mean())
-        sanity["undefended_success"] = rate
-        sanity["undefended_reaches_100"] = rate >= 0.99
-    if unbounded_eps is not None:
-        sanity["unbounded_eps"] = float(unbounded_eps)
-        sanity["success_unbounded"] = one(float(unbounded_eps), base)["attack_success"]
+    sanity = sanity_checks(
+        per_eps,
+        double_budget=one(top, base.with_budget(2)) if check_budget else None,
+        undefended=undefended_success(clf, x, y, top, base) if check_undefended else None,
+        unbounded=one(float(unbounded_eps), base) if unbounded_eps is not None else None,
+    )
     return {
         "attack": attack,
+        "defense": as_defended(defense, clf).name,
         "config": asdict(base),
-        "n": n,
-        "clean": outcome_rates(defense, x, y),
+        "n": len(x),
+        "clean": outcome_rates(defense, x, y, classifier=clf),
         "per_eps": per_eps,
         "sanity": sanity,
     }

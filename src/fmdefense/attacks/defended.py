@@ -154,7 +154,7 @@ class DefenseGANDefended:
 
 
 def as_defended(defense: object, classifier: nn.Module | None = None) -> Defended:
-    """The adapter of a fitted defense (a `Defended` passes through); baselines need `classifier`."""
+    """The adapter of a fitted defense (a `Defended` passes as is); baselines need `classifier`."""
     if isinstance(defense, FMDefense):
         return FMDefended(defense)
     if isinstance(defense, MagNet | DefenseGAN):

@@ -1,0 +1,267 @@
+"""Adaptive attacks on the baselines, the one judging rule, and `fmdefense adaptive` resuming.
+
+Toy world: 8×8 "ramp" images, brightness 0.5 + 0.45·s·(column − 3.5)/3.5 for a slope s in
+[−1, 1]; the toy classifier labels an image by the sign of its slope. MagNet's autoencoders learn
+the ramps, so noise off the ramp family raises their reconstruction error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fmdefense.attacks import adaptive_commands
+from fmdefense.attacks.adaptive import (
+    ADAPTIVE_ATTACKS,
+    AdaptiveConfig,
+    PGDAttack,
+    attacks_for,
+    default_config,
+    evaluate_adaptive,
+    make_attack,
+    run_adaptive,
+)
+from fmdefense.attacks.defended import (
+    DefenseGANDefended,
+    FMDefended,
+    MagNetDefended,
+    as_defended,
+    outcome_rates,
+    rates_from_labels,
+)
+from fmdefense.baselines.defense_gan import DefenseGAN, DefenseGANConfig
+from fmdefense.baselines.magnet import MagNet, MagNetConfig, train_magnet
+from fmdefense.cli import main
+from fmdefense.defense.detector import REJECT_LABEL
+from fmdefense.errors import InputError, NotFittedError
+
+COL = (torch.arange(8.0) - 3.5) / 3.5
+SLOPES = [-0.6, -0.5, -0.4, -0.35, -0.3, 0.3, 0.35, 0.4, 0.5, 0.6]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@dataclass(frozen=True)
+class RampCfg:
+    in_channels: int = 1
+    image_size: tuple[int, int] = (8, 8)
+
+
+class RampClassifier(nn.Module):
+    """Logits ±20·mean(x · column weight): the sign of the ramp's slope."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cfg = RampCfg()
+        self.scale = nn.Parameter(torch.tensor(20.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, 8, 8) -> (B, 2)
+        s = (x * COL.view(1, 1, 1, 8)).flatten(1).mean(1)
+        return torch.stack([-s, s], 1) * self.scale
+
+
+def ramps(slopes: list[float] | torch.Tensor) -> torch.Tensor:
+    s = torch.as_tensor(slopes, dtype=torch.float).view(-1, 1, 1, 1)
+    return (0.5 + 0.45 * s * COL.view(1, 1, 1, 8)).expand(-1, 1, 8, 8).clone()
+
+
+def toy_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    return ramps(SLOPES), (torch.tensor(SLOPES) > 0).long()
+
+
+@pytest.fixture(scope="module")
+def magnet() -> MagNet:
+    gen = torch.Generator().manual_seed(0)
+    x = ramps(torch.rand(256, generator=gen) * 2 - 1)
+    cfg = MagNetConfig(image_size=(8, 8), epochs=20, batch_size=32, drop_rate=0.02, lr=1e-2)
+    torch.manual_seed(0)
+    model = MagNet(cfg)
+    train_magnet(model, x, torch.device("cpu"))
+    return model.eval().fit_thresholds(x)
+
+
+TINY_GAN = DefenseGANConfig(
+    image_size=(8, 8), z_dim=8, width=8, search_steps=15, restarts=2, search_batch_size=8
+)
+
+
+@pytest.fixture(scope="module")
+def gan() -> DefenseGAN:
+    """A random (untrained) tiny generator with its threshold fitted on ramps."""
+    gen = torch.Generator().manual_seed(1)
+    model = DefenseGAN(dataclasses.replace(TINY_GAN, drop_rate=0.1)).eval()
+    return model.fit_thresholds(ramps(torch.rand(20, generator=gen) * 2 - 1))
+
+
+def accepted_wrong(target: MagNetDefended, x_adv: torch.Tensor, y: torch.Tensor) -> int:
+    label = target.labels(x_adv)
+    return int(((label != REJECT_LABEL) & (label != y)).sum())
+
+
+def test_magnet_joint_beats_plain_pgd_against_magnet(magnet: MagNet) -> None:
+    x, y = toy_inputs()
+    clf = RampClassifier()
+    target = MagNetDefended(magnet, clf)
+    assert bool((target.labels(x) == y).all())  # clean ramps: accepted, reformed correctly
+    cfg = AdaptiveConfig(eps=0.3, steps=30, kappa=0.0)
+    plain = run_adaptive("undefended", magnet, x, y, cfg, classifier=clf)  # PGD on C alone
+    joint = run_adaptive("magnet_joint", magnet, x, y, cfg, classifier=clf)
+    assert bool(plain.success.all())  # it fools the bare classifier every time ...
+    n_plain, n_joint = (
+        accepted_wrong(target, plain.x_adv, y),
+        accepted_wrong(target, joint.x_adv, y),
+    )
+    assert n_plain <= 2  # ... but its noise trips the detectors (or the reformer undoes it)
+    assert n_joint >= n_plain + 6  # through the reformer, under the thresholds: accepted, wrong
+    judged = (target.labels(joint.x_adv) != y) & ~magnet.detect(joint.x_adv)
+    assert torch.equal(joint.success, judged)  # its flags are MagNet's own verdict
+    assert float((joint.x_adv - x).abs().max()) <= cfg.eps + 1e-6
+
+
+@pytest.mark.parametrize("starts", ["defense", "fresh"])
+def test_bpda_on_a_tiny_random_defense_gan_stays_in_the_ball_and_box(
+    gan: DefenseGAN, starts: str
+) -> None:
+    x, y = toy_inputs()
+    clf = RampClassifier()
+    cfg = default_config("defensegan_bpda", eps=0.1, steps=4, check_every=2, bpda_starts=starts)
+    assert cfg.steps == 4 and default_config("defensegan_bpda").steps == 20  # few by default
+    result = run_adaptive("defensegan_bpda", gan, x, y, cfg, classifier=clf)
+    assert result.x_adv.shape == x.shape
+    assert float(result.x_adv.min()) >= 0.0 and float(result.x_adv.max()) <= 1.0
+    assert float((result.x_adv - x).abs().max()) <= cfg.eps + 1e-6
+    # its flags are Defense-GAN's own verdict on the returned set, judged in the same order
+    label = DefenseGANDefended(gan, clf).labels(result.x_adv)
+    assert torch.equal(result.success, (label != y) & (label != REJECT_LABEL))
+
+
+def test_bpda_moves_the_input_where_the_defense_does_not_already_fail(gan: DefenseGAN) -> None:
+    x, y = toy_inputs()
+    clf = RampClassifier()
+    attack = make_attack(
+        "defensegan_bpda", gan, default_config("defensegan_bpda", eps=0.1, steps=3), classifier=clf
+    )
+    attack.success_at = lambda xa, ya, idx: torch.zeros(len(xa), dtype=torch.bool)  # type: ignore[method-assign]
+    result = attack.run(x, y)  # never "fooled": every input takes every step
+    moved = (result.x_adv - x).abs().flatten(1).amax(1)
+    assert bool((moved > 0).all()) and float(moved.max()) <= 0.1 + 1e-6
+
+
+def test_one_rule_on_hard_decisions() -> None:
+    y = torch.tensor([0, 1, 2, 3])
+    row = rates_from_labels(torch.tensor([0, REJECT_LABEL, 1, 3]), y)
+    assert row["robust_accuracy_with_rejection"] == 0.75  # right, rejected, right: safe
+    assert row["attack_success"] == 0.25  # labelled, not rejected, wrong
+    assert row["accept_rate"] == 0.75 and row["rejected"] == 1
+    assert row["labelled_right"] == 2 and row["labelled_wrong"] == 1
+
+
+def test_adapters_agree_with_each_defense_and_evaluate_is_json(
+    magnet: MagNet, gan: DefenseGAN
+) -> None:
+    from tests.test_adaptive import toy_defense
+    from tests.test_adaptive import toy_inputs as fm_inputs
+
+    x, y = toy_inputs()
+    clf = RampClassifier()
+    m = as_defended(magnet, clf)
+    assert isinstance(m, MagNetDefended) and torch.equal(m.labels(x), magnet.predict(clf, x))
+    g = as_defended(gan, clf)
+    assert isinstance(g, DefenseGANDefended) and torch.equal(g.labels(x), gan.predict(clf, x))
+    fm = toy_defense()
+    fx, fy = fm_inputs()
+    f = as_defended(fm)
+    assert isinstance(f, FMDefended) and torch.equal(f.labels(fx), fm.predict(fx))
+    assert outcome_rates(fm, fx, fy)["accept_rate"] == pytest.approx(
+        float((fm.predict(fx) != REJECT_LABEL).float().mean())
+    )
+    with pytest.raises(InputError, match="classifier it protects"):
+        as_defended(magnet)
+    with pytest.raises(NotFittedError):
+        as_defended(MagNet(MagNetConfig(image_size=(8, 8))), clf)
+    with pytest.raises(InputError, match="attacks MagNet"):
+        make_attack("magnet_joint", gan, classifier=clf)
+    with pytest.raises(InputError, match="attacks FMDefense"):
+        make_attack("joint", magnet, classifier=clf)
+    cfg = AdaptiveConfig(steps=15, kappa=0.0)
+    out = evaluate_adaptive(magnet, x, y, "magnet_joint", [0.3, 0.05], config=cfg, classifier=clf)
+    json.dumps(out)
+    assert out["defense"] == "magnet" and out["clean"]["accept_rate"] == 1.0
+    assert [row["eps"] for row in out["per_eps"]] == [0.05, 0.3]
+    s = out["sanity"]
+    assert s["success_non_decreasing_in_eps"] and s["more_budget_not_lower"]
+    assert s["undefended_reaches_100"]
+
+
+def test_registry_lists_the_baseline_attacks_by_defense() -> None:
+    assert {"magnet_joint", "defensegan_bpda"} <= set(ADAPTIVE_ATTACKS)
+    assert attacks_for("magnet") == ["cw_transfer", "undefended", "magnet_joint"]
+    assert attacks_for("defensegan") == ["cw_transfer", "undefended", "defensegan_bpda"]
+    assert "joint" in attacks_for("fm") and "magnet_joint" not in attacks_for("fm")
+    with pytest.raises(InputError, match="bpda_starts"):
+        AdaptiveConfig(bpda_starts="mine")
+
+
+def test_cli_resumes_without_recomputing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Real MNIST CLE images and the shipped classifier against an untrained 28×28 MagNet."""
+    x, _ = adaptive_commands.load_inputs("mnist", 8)
+    model = MagNet(MagNetConfig()).eval().fit_thresholds(x)
+    model.save(tmp_path / "magnet")
+    out = tmp_path / "adaptive"
+    argv = [
+        "adaptive",
+        "--dataset",
+        "mnist",
+        "--defense",
+        "magnet",
+        "--defense-dir",
+        str(tmp_path / "magnet"),
+        "--attack",
+        "magnet_joint",
+        "undefended",
+        "--eps",
+        "0.1",
+        "0.2",
+        "--limit",
+        "4",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
+    assert main(argv) == 0
+    first = json.loads((out / "summary.json").read_text())
+    assert (out / "magnet_joint" / "eps-0.1.json").is_file()
+    assert (out / "undefended-eps-0.2.json").is_file()
+    assert "robust accuracy with rejection" in capsys.readouterr().out
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("recomputed a finished unit")
+
+    monkeypatch.setattr(PGDAttack, "_run", boom)  # both attacks run the shared PGD loop
+    monkeypatch.setattr(adaptive_commands, "outcome_rates", boom)  # the clean rates
+    assert main(argv) == 0  # every unit is on disk with the same config
+    second = json.loads((out / "summary.json").read_text())
+    first.pop("seconds"), second.pop("seconds")
+    assert first == second
+    changed = list(argv)
+    changed[changed.index("--steps") + 1] = "3"  # a new config, so the attack runs again
+    with pytest.raises(AssertionError, match="recomputed"):
+        main(changed)
