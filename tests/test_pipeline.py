@@ -11,9 +11,23 @@ import torch
 
 import fmdefense.evaluation.pipeline as pipeline
 from fmdefense.defense.detector import FMDefense
-from fmdefense.evaluation.report import side_by_side_markdown, table2_markdown
+from fmdefense.evaluation.report import (
+    adaptive_markdown,
+    side_by_side_markdown,
+    table2_markdown,
+)
 
-TINY = {"n_val": 24, "n_cle": 12, "n_morphs": 4, "magnet_epochs": 1, "magnet_limit": 256}
+TINY = {
+    "n_val": 24,
+    "n_cle": 12,
+    "n_morphs": 4,
+    "magnet_epochs": 1,
+    "magnet_limit": 256,
+    "defensegan_limit": 6,
+    "adaptive_limit": 3,
+    "adaptive_eps": (0.3,),
+    "adaptive_steps": 2,
+}
 ATTACKS = (("fgsm", "default"),)
 
 
@@ -32,6 +46,8 @@ def test_report_table_equals_results_and_a_rerun_reuses_stages(
     assert table2_markdown(saved["table2"], "mnist") in report
     assert side_by_side_markdown(saved, "mnist") in report
     assert set(saved["roc_defenses"]) >= {"FM-Defense", "recon check", "MagNet"}
+    assert set(saved["adaptive"]) >= {"fm", "magnet"}
+    assert adaptive_markdown(saved["adaptive"]) in report
     assert saved["table2"]["fgsm"]["n"] == 12 and saved["meta"]["counts"]["VAL"] == 24
     for name in ("figure1", "figure4", "figure5", "figure6", "roc", "roc_defenses"):
         assert (tmp_path / "run" / f"{name}.png").is_file()

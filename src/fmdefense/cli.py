@@ -117,6 +117,7 @@ def _reproduce(args: argparse.Namespace) -> None:
         resolve_device(args.device),
         attacks=chosen,
         baselines=tuple(d for d in defenses if d != "fm"),
+        overrides={} if args.adaptive_limit is None else {"adaptive_limit": args.adaptive_limit},
     )
     for name, row in results["table2"].items():
         print(f"{name:>16}: no defense {row['no_defense']:.4f}  FM-Defense {row['fm_defense']:.4f}")
@@ -315,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["fm,recon,magnet,defensegan"],
         help="comma- or space-separated: fm (always), recon, magnet, defensegan",
+    )
+    p.add_argument(
+        "--adaptive-limit",
+        type=int,
+        default=None,
+        help="defense-aware attacks on the first N CLE images (quick: 0 = off; paper: 500)",
     )
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:N]")
     p.set_defaults(func=_reproduce)

@@ -153,6 +153,48 @@ def _side_by_side_section(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def adaptive_markdown(adaptive: dict[str, Any]) -> str:
+    """Robust accuracy with rejection per defense and ε under its own adaptive attack."""
+    lines = [
+        "| defense | attack | n | clean accept rate | ε | robust accuracy with rejection | "
+        "attack success | s / image |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for kind, summary in adaptive.items():
+        for attack, res in summary["attacks"].items():
+            for row in res["per_eps"]:
+                lines.append(
+                    f"| {kind} | {attack} | {summary['n']} | "
+                    f"{_pct(summary['clean']['accept_rate'])} | {row['eps']} | "
+                    f"{_pct(row['robust_accuracy_with_rejection'])} | "
+                    f"{_pct(row['attack_success'])} | {row['seconds_per_image']:.2f} |"
+                )
+    return "\n".join(lines)
+
+
+def _adaptive_section(results: dict[str, Any]) -> list[str]:
+    adaptive = results.get("adaptive")
+    if not adaptive:
+        return []
+    lines = [
+        "## Security against an attacker who knows the defense",
+        "",
+        "White-box L∞ attacks on each defended pipeline (its own adaptive attack), judged on the "
+        "defense's hard decisions: an adversarial input is safe when rejected or labelled "
+        "correctly; attack success = accepted (or purified) and wrong.",
+        "",
+        adaptive_markdown(adaptive),
+        "",
+        "Sanity checks (success non-decreasing in ε; twice the budget not lower; PGD on the "
+        "bare classifier at the largest ε):",
+        "",
+    ]
+    for kind, summary in adaptive.items():
+        for attack, res in summary["attacks"].items():
+            lines.append(f"- {kind} / {attack}: {res['sanity']}")
+    return [*lines, ""]
+
+
 def render(results: dict[str, Any]) -> str:
     """The whole report as Markdown."""
     meta = results["meta"]
@@ -206,6 +248,7 @@ def render(results: dict[str, Any]) -> str:
         "",
         *_recon_section(results),
         *_side_by_side_section(results),
+        *_adaptive_section(results),
         "## Figures",
         "",
     ]

@@ -78,7 +78,7 @@ VAE_TRAIN_CONFIGS: dict[str, VAETrainConfig] = {
         gamma=0.0,
         kl_warmup_epochs=30,
         dgmm_shift=4,
-        free_bits=4.0,
+        free_bits=8.0,
     ),
 }
 
