@@ -153,6 +153,12 @@ def _side_by_side_section(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _by_defense(adaptive: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Defenses in a fixed order (FM-Defense first), whatever order results.json stored."""
+    order = {"fm": 0, "magnet": 1, "defensegan": 2}
+    return sorted(adaptive.items(), key=lambda kv: (order.get(kv[0], 9), kv[0]))
+
+
 def adaptive_markdown(adaptive: dict[str, Any]) -> str:
     """Robust accuracy with rejection per defense and ε under its own adaptive attack."""
     lines = [
@@ -160,7 +166,7 @@ def adaptive_markdown(adaptive: dict[str, Any]) -> str:
         "attack success | s / image |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for kind, summary in adaptive.items():
+    for kind, summary in _by_defense(adaptive):
         for attack, res in summary["attacks"].items():
             for row in res["per_eps"]:
                 lines.append(
@@ -189,7 +195,7 @@ def _adaptive_section(results: dict[str, Any]) -> list[str]:
         "bare classifier at the largest ε):",
         "",
     ]
-    for kind, summary in adaptive.items():
+    for kind, summary in _by_defense(adaptive):
         for attack, res in summary["attacks"].items():
             lines.append(f"- {kind} / {attack}: {res['sanity']}")
     return [*lines, ""]
