@@ -36,6 +36,7 @@ from fmdefense.defense.detector import REJECT_LABEL
 from fmdefense.errors import InputError, NotFittedError
 from fmdefense.training.checkpoint import (
     RESUME_FILE,
+    GeneratorState,
     load_module,
     load_resume_state,
     save_artifact,
@@ -305,19 +306,6 @@ def _train_key(cfg: DefenseGANConfig) -> dict[str, Any]:
     return {k: v for k, v in asdict(cfg).items() if k not in _SEARCH_FIELDS}
 
 
-class _GenState:
-    """Adapter so a torch.Generator resumes like a module (state_dict / load_state_dict)."""
-
-    def __init__(self, gen: torch.Generator) -> None:
-        self.gen = gen
-
-    def state_dict(self) -> torch.Tensor:
-        return self.gen.get_state()
-
-    def load_state_dict(self, state: torch.Tensor) -> None:
-        self.gen.set_state(state)
-
-
 def train_defense_gan(
     model: DefenseGAN,
     x: torch.Tensor,
@@ -345,7 +333,7 @@ def train_defense_gan(
         "critic": critic,
         "opt_g": opt_g,
         "opt_c": opt_c,
-        "gen": _GenState(gen),
+        "gen": GeneratorState(gen),
     }
     history: list[dict[str, float]] = []
     start = 0

@@ -170,3 +170,16 @@ def load_module(
     except RuntimeError as exc:
         raise ArtifactError(f"weights in {folder} do not match its config: {exc}") from exc
     return model.to(device).eval()
+
+
+class GeneratorState:
+    """Adapter so a torch.Generator resumes like a module (state_dict / load_state_dict)."""
+
+    def __init__(self, gen: torch.Generator) -> None:
+        self.gen = gen
+
+    def state_dict(self) -> torch.Tensor:
+        return self.gen.get_state()
+
+    def load_state_dict(self, state: torch.Tensor) -> None:
+        self.gen.set_state(state)

@@ -36,7 +36,7 @@ from fmdefense.models.losses import (
     permute_dims,
     tc_estimate,
 )
-from fmdefense.training.checkpoint import load_resume_state, save_resume_state
+from fmdefense.training.checkpoint import GeneratorState, load_resume_state, save_resume_state
 from fmdefense.training.jobs import classifier_dir, provenance
 from fmdefense.training.loops import augment
 
@@ -122,7 +122,7 @@ def train_dgmm(
     opt = torch.optim.Adam(dgmm.parameters(), lr=cfg.lr_dgmm)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs_dgmm, 1))
     gen = torch.Generator().manual_seed(cfg.seed)
-    modules = {"dgmm": dgmm, "opt": opt, "sched": sched, "gen": _GenState(gen)}
+    modules = {"dgmm": dgmm, "opt": opt, "sched": sched, "gen": GeneratorState(gen)}
     start, history = _resume(folder, cfg, modules)
     for epoch in range(start, cfg.epochs_dgmm):
         dgmm.train()
@@ -166,19 +166,6 @@ def train_dgmm(
         )
         _save(folder, cfg, modules, epoch + 1, history)
     return history
-
-
-class _GenState:
-    """Adapter so a torch.Generator resumes like a module (state_dict / load_state_dict)."""
-
-    def __init__(self, gen: torch.Generator) -> None:
-        self.gen = gen
-
-    def state_dict(self) -> torch.Tensor:
-        return self.gen.get_state()
-
-    def load_state_dict(self, state: torch.Tensor) -> None:
-        self.gen.set_state(state)
 
 
 def kl_term(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float = 0.0) -> torch.Tensor:
@@ -251,7 +238,7 @@ def train_stage2(
         "encoder": vae.encoder,
         "decoder": vae.decoder,
         "opt_vae": opt_vae,
-        "gen": _GenState(gen),
+        "gen": GeneratorState(gen),
     }
     if disc is not None and opt_tc is not None:
         modules |= {"disc": disc, "opt_tc": opt_tc}
