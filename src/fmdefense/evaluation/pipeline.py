@@ -21,7 +21,7 @@ from fmdefense.baselines.magnet import MagNet, run_train_magnet
 from fmdefense.baselines.recon_check import ReconCheckConfig, ReconstructionCheck
 from fmdefense.chunks import config_hash
 from fmdefense.data import load_raw, split_tensors
-from fmdefense.defense.detector import FMDefense, FMDefenseConfig, fingerprint_tensor
+from fmdefense.defense.detector import FMDefense, FMDefenseConfig, fingerprint, fingerprint_tensor
 from fmdefense.defense.jobs import load_models
 from fmdefense.defense.purifier import Z_U_MODES
 from fmdefense.defense.thresholds import distance_threshold, thresholds
@@ -278,7 +278,7 @@ def defensegan_baseline(
     sets = {"CLE": (x_cle[:n], y_cle[:n])}
     sets |= {k: (a.x_adv[:n], a.y_true[:n]) for k, a in adv_sets.items()}
     scores, table = {}, {}
-    model_key = fingerprint_tensor(torch.cat([t.flatten() for t in gan.state_dict().values()]))
+    model_key = fingerprint(gan)
     for name, (x, y) in sets.items():
         key = config_hash({"input": fingerprint_tensor(x), "model": model_key, "cfg": gan.cfg})
         path = run / "defense_gan" / f"{name}-{key}.safetensors"
