@@ -28,6 +28,7 @@ from fmdefense.defense.thresholds import (
     unified_threshold,
 )
 from fmdefense.errors import ArtifactError, InputError, NotFittedError
+from fmdefense.training.checkpoint import load_tensors, save_tensors
 from tests.toys import ToyClassifier, ToyVAE, images
 
 CFG = MorphConfig(n_morphs=50, draws_per_iter=7, step_frac=0.05, max_iters=400, seed=3)
@@ -225,3 +226,55 @@ def test_resistance_resumes_from_finished_chunks(tmp_path: Path) -> None:
     assert calls["n"] == 1 and torch.equal(full, again)
     with pytest.raises(ArtifactError, match="another run"):
         defense.resistance(x[:3], cache_dir=tmp_path / "r")
+
+
+class _NearTie(torch.nn.Module):
+    """Two logits 1e-3 apart: float32 tells them apart, bf16 rounds them equal (argmax 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(1, 2)
+        with torch.no_grad():
+            self.lin.weight.zero_()
+            self.lin.bias.copy_(torch.tensor([1.0, 1.001]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.mean((1, 2, 3)).unsqueeze(1))
+
+
+def test_input_labels_are_float32_even_when_morphs_run_in_bf16() -> None:
+    x = images([0.3, 0.7])
+    defense = FMDefense(_NearTie(), ToyVAE(), FMDefenseConfig(precision="bf16"))
+    assert defense._morph_labels(x).tolist() == [0, 0]  # bf16 loses the 1e-3 gap
+    assert defense.classify(x).tolist() == [1, 1]  # C(x) is the float32 answer
+
+
+def test_chunks_from_before_fp32_labels_are_relabelled_row_by_row(tmp_path: Path) -> None:
+    clf, vae = ToyClassifier(), ToyVAE()
+    cfg = FMDefenseConfig(n_morphs=20, rho=0.9, chunk_size=2)
+    defense = FMDefense(clf, vae, cfg).fit(images([0.1, 0.3, 0.6, 0.9]))
+    x = images([0.45, 0.9, 0.52, 0.2])
+    full = defense.resistance(x, cache_dir=tmp_path / "r")
+    chunk = tmp_path / "r" / "chunk-0000002.safetensors"
+    stale = {"r": torch.zeros(2, len(defense.code_idx_))}  # an old chunk: no "label" tensor
+    save_tensors(chunk, stale)
+    real_morph_labels = defense._morph_labels
+    # pretend the old (bf16) labelling disagreed with float32 on the chunk's second input only
+    defense._morph_labels = lambda imgs: (  # type: ignore[method-assign]
+        real_morph_labels(imgs) if len(imgs) != 2 else defense._labels(imgs) + torch.tensor([0, 1])
+    )
+    rows: list[int] = []
+    original = defense._chunk_resistance
+
+    def counting(xs: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        rows.append(len(xs))
+        return original(xs, *args)
+
+    defense._chunk_resistance = counting  # type: ignore[method-assign]
+    again = defense.resistance(x, cache_dir=tmp_path / "r")
+    assert rows == [1]  # only the input whose label changed is redone
+    assert torch.equal(again[3], full[3]) and torch.equal(again[2], torch.zeros_like(full[2]))
+    assert "label" in load_tensors(chunk)  # upgraded in place: the next run reuses it as is
+    rows.clear()
+    defense.resistance(x, cache_dir=tmp_path / "r")
+    assert rows == []

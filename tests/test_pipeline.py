@@ -27,6 +27,7 @@ TINY = {
     "adaptive_limit": 3,
     "adaptive_eps": (0.3,),
     "adaptive_steps": 2,
+    "adaptive_fm_rho": 0.9,
 }
 ATTACKS = (("fgsm", "default"),)
 
@@ -48,6 +49,8 @@ def test_report_table_equals_results_and_a_rerun_reuses_stages(
     assert set(saved["roc_defenses"]) >= {"FM-Defense", "recon check", "MagNet"}
     assert set(saved["adaptive"]) >= {"fm", "magnet"}
     assert adaptive_markdown(saved["adaptive"]) in report
+    assert saved["adaptive"]["fm"]["operating_point"].startswith("joint thresholds")
+    assert "Operating points: fm: joint thresholds" in report
     assert saved["table2"]["fgsm"]["n"] == 12 and saved["meta"]["counts"]["VAL"] == 24
     for name in ("figure1", "figure4", "figure5", "figure6", "roc", "roc_defenses"):
         assert (tmp_path / "run" / f"{name}.png").is_file()

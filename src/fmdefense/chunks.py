@@ -36,11 +36,15 @@ def chunked(
     *,
     config: Any,
     desc: str = "chunks",
+    upgrade: Callable[[int, int, dict[str, torch.Tensor]], dict[str, torch.Tensor] | None]
+    | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run `compute(start, stop)` over [0, n) in chunks and concatenate each output tensor.
 
     With a `folder`, every chunk is saved there and reused by a later run with the same
     `config` (a manifest records its hash; a different config in the same folder is an error).
+    `upgrade(start, stop, saved)` may return a corrected chunk for one written by an older
+    version (it is saved in place), or None to keep the saved chunk as it is.
     """
     starts = list(range(0, n, chunk_size))
     if folder is not None:
@@ -51,7 +55,11 @@ def chunked(
         stop = min(start + chunk_size, n)
         path = Path(folder) / f"chunk-{start:07d}.safetensors" if folder is not None else None
         if path is not None and path.is_file():
-            parts.append(load_tensors(path))
+            saved = load_tensors(path)
+            fixed = upgrade(start, stop, saved) if upgrade is not None else None
+            if fixed is not None:
+                save_tensors(path, fixed)
+            parts.append(fixed if fixed is not None else saved)
             done += 1
             continue
         out = compute(start, stop)

@@ -117,11 +117,23 @@ def _reproduce(args: argparse.Namespace) -> None:
         resolve_device(args.device),
         attacks=chosen,
         baselines=tuple(d for d in defenses if d != "fm"),
-        overrides={} if args.adaptive_limit is None else {"adaptive_limit": args.adaptive_limit},
+        overrides=_profile_overrides(args),
     )
     for name, row in results["table2"].items():
         print(f"{name:>16}: no defense {row['no_defense']:.4f}  FM-Defense {row['fm_defense']:.4f}")
     print(f"report: {run / 'report.md'} ({results['meta']['seconds']:.0f} s)")
+
+
+def _profile_overrides(args: argparse.Namespace) -> dict[str, int]:
+    """Profile fields changed on the command line (stated in the run's profile.json)."""
+    out = {}
+    if args.adaptive_limit is not None:
+        out["adaptive_limit"] = args.adaptive_limit
+    if args.n_cle is not None:
+        if args.n_cle < 1:
+            raise InputError("--n-cle must be a positive number of images")
+        out["n_cle"] = args.n_cle
+    return out
 
 
 def _defense_config(args: argparse.Namespace) -> FMDefenseConfig:
@@ -322,6 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="defense-aware attacks on the first N CLE images (quick: 0 = off; paper: 500)",
+    )
+    p.add_argument(
+        "--n-cle",
+        type=int,
+        default=None,
+        help="evaluate on the first N CLE images (default: the profile's; paper: all 5,000)",
     )
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:N]")
     p.set_defaults(func=_reproduce)

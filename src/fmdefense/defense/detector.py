@@ -37,6 +37,7 @@ from fmdefense.training.checkpoint import load_tensors, read_config, save_artifa
 from fmdefense.validation import check_images
 
 log = logging.getLogger(__name__)
+INPUT_LABELS = "fp32"  # C(x) and purified labels are float32 whatever the morph precision
 
 KIND = "fm_defense"
 ACCEPT, PURIFY, REJECT = 0, 1, 2
@@ -179,7 +180,13 @@ class FMDefense:
 
     @torch.inference_mode()
     def _labels(self, x: torch.Tensor) -> torch.Tensor:
-        """C(x) for a batch of images (moved to the model's device)."""
+        """C(x) for a batch of images, always in float32: adversarial inputs sit on the
+        decision boundary, and a bf16 C(x) flips some of them back to their true label."""
+        return self.classifier(x.to(self.device)).argmax(1).cpu()
+
+    @torch.inference_mode()
+    def _morph_labels(self, x: torch.Tensor) -> torch.Tensor:
+        """Labels of decoded morphs, at the configured precision (the engine's hot loop)."""
         with self._autocast():
             return self.classifier(x.to(self.device)).argmax(1).cpu()
 
@@ -197,16 +204,49 @@ class FMDefense:
         return images
 
     def _chunk_resistance(
-        self, x: torch.Tensor, code_idx: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+        self,
+        x: torch.Tensor,
+        code_idx: torch.Tensor,
+        lo: torch.Tensor,
+        hi: torch.Tensor,
+        labels: torch.Tensor,
     ) -> torch.Tensor:
+        """Resistance (n, m) of a chunk against the given input labels C(x) (n,)."""
         codes, z_u = self._latents(x)
-        labels = self._labels(x)
         values = code_values(codes)[:, code_idx]  # (n, m)
         table = self._table[:, code_idx]
         deltas = natural_deltas(values, lo[code_idx], hi[code_idx], table, self.config.morph)
         return resistance(
-            codes, z_u, labels, code_idx, deltas, self._decode, self._labels, self.config.batch_size
+            codes,
+            z_u,
+            labels,
+            code_idx,
+            deltas,
+            self._decode,
+            self._morph_labels,
+            self.config.batch_size,
         )
+
+    def _relabelled(
+        self,
+        x: torch.Tensor,
+        saved: dict[str, torch.Tensor],
+        code_idx: torch.Tensor,
+        lo: torch.Tensor,
+        hi: torch.Tensor,
+    ) -> dict[str, torch.Tensor] | None:
+        """Upgrade a chunk from before fp32 input labels (no "label" tensor): older versions
+        compared the morphs with C(x) at the morph precision. Rows whose label is the same are
+        kept (an input's morphs depend only on the input and the seed); the others are redone."""
+        if "label" in saved:
+            return None
+        label = self._labels(x)
+        changed = (label != self._morph_labels(x)).nonzero().flatten()
+        r = saved["r"].clone()
+        if len(changed):
+            r[changed] = self._chunk_resistance(x[changed], code_idx, lo, hi, label[changed])
+        log.info("relabelled a cached chunk: %d of %d inputs redone", len(changed), len(x))
+        return {"r": r, "label": label}
 
     def _resistance(
         self,
@@ -231,10 +271,25 @@ class FMDefense:
             }
 
         def compute(start: int, stop: int) -> dict[str, torch.Tensor]:
-            return {"r": self._chunk_resistance(x[start:stop], code_idx, lo, hi)}
+            label = self._labels(x[start:stop])
+            return {
+                "r": self._chunk_resistance(x[start:stop], code_idx, lo, hi, label),
+                "label": label,
+            }
+
+        def upgrade(
+            start: int, stop: int, saved: dict[str, torch.Tensor]
+        ) -> dict[str, torch.Tensor] | None:
+            return self._relabelled(x[start:stop], saved, code_idx, lo, hi)
 
         out = chunked(
-            len(x), self.config.chunk_size, cache_dir, compute, config=key, desc="resistance"
+            len(x),
+            self.config.chunk_size,
+            cache_dir,
+            compute,
+            config=key,
+            desc="resistance",
+            upgrade=upgrade,
         )
         return out["r"]
 
@@ -270,6 +325,7 @@ class FMDefense:
         suspicious = flags(self.val_resistance_, self.theta_)
         self.val_fpr_ = float(suspicious.float().mean())
         self.z_u_mode_, self.val_purify_acc_ = self._choose_z_u(x_val, y_val)
+        self.input_labels_ = INPUT_LABELS
         self.fingerprints_ = {
             "classifier": fingerprint(self.classifier),
             "vae": fingerprint(self.vae),
@@ -330,14 +386,8 @@ class FMDefense:
         return torch.cat([self._labels(x[i : i + bs]) for i in range(0, len(x), bs)])
 
     def _purified(self, x: torch.Tensor, mode: str) -> torch.Tensor:
-        with self._autocast():
-            return purified_labels(
-                self.vae,
-                self.classifier,
-                x,
-                mode,
-                self.config.batch_size,
-            )
+        """Labels of the purified inputs, in float32 like every final label (one decode each)."""
+        return purified_labels(self.vae, self.classifier, x, mode, self.config.batch_size)
 
     def resistance(self, x: torch.Tensor, cache_dir: Path | None = None) -> torch.Tensor:
         """Resistance vectors (n, m) in [0, 1] over the selected codes (resumable with a cache)."""
@@ -395,6 +445,7 @@ class FMDefense:
             "theta_d": self.theta_d_,
             "z_u_mode": self.z_u_mode_,
             "fingerprints": self.fingerprints_,
+            "input_labels": INPUT_LABELS,
         }
         tensors = {
             "lo": self.lo_,
@@ -433,6 +484,9 @@ class FMDefense:
         defense.code_idx_, defense.val_resistance_ = t["code_idx"].long(), t["val_resistance"]
         defense.theta_d_, defense.z_u_mode_ = float(raw["theta_d"]), str(raw["z_u_mode"])
         defense.fingerprints_ = dict(raw["fingerprints"])
+        defense.input_labels_ = str(raw.get("input_labels", "morph precision"))
+        if defense.input_labels_ != INPUT_LABELS and defense.config.precision != "fp32":
+            log.warning("%s was calibrated with bf16 input labels: recalibrate it", folder)
         defense.val_fpr_ = float(flags(defense.val_resistance_, defense.theta_).float().mean())
         return defense
 

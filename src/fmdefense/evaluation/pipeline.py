@@ -21,7 +21,13 @@ from fmdefense.baselines.magnet import MagNet, run_train_magnet
 from fmdefense.baselines.recon_check import ReconCheckConfig, ReconstructionCheck
 from fmdefense.chunks import config_hash
 from fmdefense.data import load_raw, split_tensors
-from fmdefense.defense.detector import FMDefense, FMDefenseConfig, fingerprint, fingerprint_tensor
+from fmdefense.defense.detector import (
+    INPUT_LABELS,
+    FMDefense,
+    FMDefenseConfig,
+    fingerprint,
+    fingerprint_tensor,
+)
 from fmdefense.defense.jobs import load_models
 from fmdefense.defense.purifier import Z_U_MODES
 from fmdefense.defense.thresholds import distance_threshold, thresholds
@@ -58,13 +64,26 @@ class Profile:
     adaptive_limit: int = 0  # defense-aware attacks on the first N CLE images (0: skipped)
     adaptive_eps: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)
     adaptive_steps: int | None = None  # PGD steps (None: each attack's default)
+    # FM-Defense's operating point under adaptive attack: None = the fitted per-code rule, or
+    # joint thresholds at this clean pass rate (the per-code rule at ρ = 0.999 flags nothing
+    # at N = 100, which would make the attack one on the bare classifier)
+    adaptive_fm_rho: float | None = None
     seed: int = 0
 
 
 ATTACKS = (("fgsm", "default"), ("deepfool_linf", "default"), ("cw_l2", "fast"))
 PROFILES: dict[str, Profile] = {
     # bf16 so that 44 M morphs fit a few hours on 2 cores (guide: mean |Δr| 0.0003 vs fp32).
-    "paper": Profile("paper", None, None, 100, ATTACKS, precision="bf16", adaptive_limit=500),
+    "paper": Profile(
+        "paper",
+        None,
+        None,
+        100,
+        ATTACKS,
+        precision="bf16",
+        adaptive_limit=500,
+        adaptive_fm_rho=0.95,
+    ),
     # 300 VAL images cannot support ρ = 0.999 (it allows 0.3 flagged images per code).
     "quick": Profile(
         "quick", 300, 200, 20, ATTACKS, rho=0.99, magnet_epochs=3, defensegan_limit=50
@@ -117,7 +136,7 @@ def stage_calibrate(
     folder = run / "defense"
     try:
         defense = FMDefense.load(folder, clf, vae)
-        if defense.config == cfg:
+        if defense.config == cfg and defense.input_labels_ == INPUT_LABELS:
             log.info("reusing finished stage %s", folder)
             return defense
     except (ArtifactError, KeyError):
@@ -133,18 +152,17 @@ def stage_set_outputs(
 ) -> dict[str, torch.Tensor]:
     """Resistance, C(x) and both purified labels of one input set, stored under a key of
     everything the resistance depends on (inputs, models, normal ranges, codes, morph config)."""
-    key = config_hash(
-        {
-            "input": fingerprint_tensor(x),
-            "models": defense.fingerprints_,
-            "lo": defense.lo_.tolist(),
-            "hi": defense.hi_.tolist(),
-            "codes": defense.code_idx_.tolist(),
-            "morph": asdict(defense.config.morph),
-            "precision": defense.config.precision,
-        }
-    )
-    path = run / "sets" / f"{name}-{key}.safetensors"
+    depends = {
+        "input": fingerprint_tensor(x),
+        "models": defense.fingerprints_,
+        "lo": defense.lo_.tolist(),
+        "hi": defense.hi_.tolist(),
+        "codes": defense.code_idx_.tolist(),
+        "morph": asdict(defense.config.morph),
+        "precision": defense.config.precision,
+    }
+    key = config_hash(depends)  # the morph cache (its chunks upgrade themselves)
+    path = run / "sets" / f"{name}-{config_hash({**depends, 'labels': INPUT_LABELS})}.safetensors"
     if path.is_file():
         log.info("reusing finished stage %s", path)
         return load_tensors(path)
@@ -323,15 +341,29 @@ def stage_adaptive(
     from fmdefense.attacks.adaptive import DEFAULT_ATTACK
     from fmdefense.attacks.adaptive_commands import run_sweep
 
-    targets: dict[str, Any] = {"fm": defense}
+    fm, point = defense, f"per-code thresholds, ρ = {defense.config.rho}"
+    if profile.adaptive_fm_rho is not None:
+        rho = profile.adaptive_fm_rho
+        fm = defense.with_config(threshold_mode="joint", rho=rho)
+        point = f"joint thresholds, VAL false positives ≤ {1 - rho:.0%}"
+    targets: dict[str, Any] = {"fm": fm}
     if "magnet" in baselines:
         targets["magnet"] = MagNet.load(run / "magnet", device).eval()
     if "defensegan" in baselines and (defensegan_dir(dataset) / "config.json").is_file():
         targets["defensegan"] = DefenseGAN.load(defensegan_dir(dataset), device).eval()
     x, y = x_cle[: profile.adaptive_limit], y_cle[: profile.adaptive_limit]
     changes = {} if profile.adaptive_steps is None else {"steps": profile.adaptive_steps}
-    return {
-        kind: run_sweep(
+    points = {
+        "fm": point,
+        "magnet": "two detectors, VAL drop rate 0.001 each",
+        "defensegan": "VAL drop rate 0.001",
+    }
+    out: dict[str, Any] = {}
+    for kind, target in targets.items():
+        source: dict[str, Any] = {"dataset": dataset, "defense": kind}
+        if kind == "fm" and profile.adaptive_fm_rho is not None:
+            source["joint_rho"] = profile.adaptive_fm_rho
+        out[kind] = run_sweep(
             target,
             clf,
             x.to(device),
@@ -340,10 +372,10 @@ def stage_adaptive(
             profile.adaptive_eps,
             run / "adaptive" / kind,
             changes=changes,
-            source={"dataset": dataset, "defense": kind},
+            source=source,
         )
-        for kind, target in targets.items()
-    }
+        out[kind]["operating_point"] = points[kind]
+    return out
 
 
 def run_reproduce(

@@ -191,6 +191,13 @@ def _adaptive_section(results: dict[str, Any]) -> list[str]:
         "",
         adaptive_markdown(adaptive),
         "",
+        "Operating points: "
+        + "; ".join(
+            f"{kind}: {summary.get('operating_point', 'as fitted')}"
+            for kind, summary in _by_defense(adaptive)
+        )
+        + ".",
+        "",
         "Sanity checks (success non-decreasing in ε; twice the budget not lower; PGD on the "
         "bare classifier at the largest ε):",
         "",
