@@ -78,7 +78,7 @@ class FMDefenseConfig:
     batch_size: int = 128  # morphs per decode+classify batch (fastest on the 2-core CPU)
     channels_last: bool = True  # convert both networks' memory format (in place) for speed
     chunk_size: int = 32  # instances per morph chunk
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    precision: str = "fp32"  # morphs: fp32 | bf16 (autocast); input/purified labels stay fp32
     seed: int = 0
 
     def __post_init__(self) -> None:
