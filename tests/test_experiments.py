@@ -14,6 +14,7 @@ from fmdefense.evaluation.experiments import (
     figure5,
     figure6,
     final_labels,
+    resistance_histograms,
     roc,
     table2,
 )
@@ -33,6 +34,9 @@ def test_experiments_write_pngs_and_consistent_table(tmp_path: Path) -> None:
     adv = {"fgsm": _outputs(150, 6, 0.0, 2), "cw": _outputs(100, 6, 0.3, 3)}
     f1 = figure1(cle, adv, list(range(6)), tmp_path / "f1.png")
     assert f1["CLE"][0] > f1["fgsm"][0]
+    h = resistance_histograms(cle, adv, tmp_path / "hist.png", bins=10)
+    assert abs(sum(h["min"]["fgsm"]) - 1) < 1e-6 and len(h["edges"]) == 11
+    assert sum(h["mean"]["CLE"][8:]) > sum(h["mean"]["fgsm"][8:])  # clean sits near 1
     f4 = figure4(
         cle, adv, val.resistance, {"first3": [0, 1, 2], "all": list(range(6))}, tmp_path / "f4.png"
     )
@@ -52,5 +56,5 @@ def test_experiments_write_pngs_and_consistent_table(tmp_path: Path) -> None:
     figure6(
         {"clean": torch.rand(8, 1, 28, 28), "adv": torch.rand(8, 1, 28, 28)}, tmp_path / "f6.png"
     )
-    for name in ("f1", "f4", "f5", "roc", "f6"):
+    for name in ("f1", "hist", "f4", "f5", "roc", "f6"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000

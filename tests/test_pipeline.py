@@ -52,7 +52,8 @@ def test_report_table_equals_results_and_a_rerun_reuses_stages(
     assert saved["adaptive"]["fm"]["operating_point"].startswith("joint thresholds")
     assert "Operating points: fm: joint thresholds" in report
     assert saved["table2"]["fgsm"]["n"] == 12 and saved["meta"]["counts"]["VAL"] == 24
-    for name in ("figure1", "figure4", "figure5", "figure6", "roc", "roc_defenses"):
+    figures = ("figure1", "resistance_histograms", "figure4", "figure5", "figure6")
+    for name in (*figures, "roc", "roc_defenses"):
         assert (tmp_path / "run" / f"{name}.png").is_file()
 
     def must_not_run(*args: object, **kwargs: object) -> None:

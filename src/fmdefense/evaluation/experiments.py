@@ -82,6 +82,34 @@ def figure1(cle: SetOutputs, adv: dict[str, SetOutputs], codes: list[int], path:
     return data
 
 
+def resistance_histograms(
+    cle: SetOutputs, adv: dict[str, SetOutputs], path: Path, bins: int = 20
+) -> dict[str, Any]:
+    """Histograms of min_i r_i (the detection score) and mean_i r_i per input, CLE vs each
+    attack: one panel per attack and statistic. Counts are shares of each set."""
+    edges = torch.linspace(0, 1, bins + 1)
+    stats = {"min": lambda r: r.min(1).values, "mean": lambda r: r.mean(1)}
+
+    def share(r: torch.Tensor) -> list[float]:
+        return (torch.histc(r.float(), bins, 0, 1) / len(r)).tolist()
+
+    data: dict[str, Any] = {"edges": edges.tolist()}
+    for stat, f in stats.items():
+        data[stat] = {"CLE": share(f(cle.resistance))}
+        data[stat] |= {name: share(f(o.resistance)) for name, o in adv.items()}
+    fig, axes = plt.subplots(2, len(adv), figsize=(3.2 * len(adv), 5), squeeze=False)
+    centers, width = (edges[:-1] + 0.5 / bins).numpy(), 1 / bins
+    for row, stat in enumerate(stats):
+        for col, name in enumerate(adv):
+            ax = axes[row][col]
+            ax.bar(centers, data[stat]["CLE"], width, alpha=0.6, label="CLE")
+            ax.bar(centers, data[stat][name], width, alpha=0.6, label=name)
+            ax.set(xlabel=f"{stat}_i r_i", ylabel="share of inputs", xlim=(0, 1))
+            ax.legend(fontsize=7)
+    _save(fig, path)
+    return data
+
+
 def _subset(o: SetOutputs, ix: torch.Tensor) -> SetOutputs:
     return SetOutputs(o.resistance[:, ix], o.input_label, o.purified_label, o.truth)
 

@@ -474,6 +474,9 @@ def experiments(
     }
     results: dict[str, Any] = {
         "figure1": ex.figure1(cle, adv, codes, run / "figure1.png"),
+        "resistance_histograms": ex.resistance_histograms(
+            cle, adv, run / "resistance_histograms.png"
+        ),
         "figure4": ex.figure4(cle, adv, val_r, selections, run / "figure4.png"),
         "table2": ex.table2(cle, adv, defense.theta_, defense.theta_d_),
         "table2_joint_fpr_5pct": _table2_at(cle, adv, val_r, 0.95, defense.config.eta),

@@ -18,6 +18,8 @@ PAPER_TABLE2_MNIST = {
 }
 PAPER_FIGURES = {
     "figure1": "paper Figure 1: CLE resistance near 1 on most codes, ADV markedly lower",
+    "resistance_histograms": "not in the paper (per-input min_i r_i and mean_i r_i, "
+    "top and bottom rows; Figure 1 shows only the means per code)",
     "figure4": "paper Figure 4: adversarial detection > 99.9 % at high thresholds, "
     "overall best ≈ 80 % at unified θ = 30 %",
     "figure5": "paper Figure 5: recall > 95 %, final accuracy ≈ 99 % at η = 100 %",
