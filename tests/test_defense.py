@@ -247,6 +247,11 @@ def test_input_labels_are_float32_even_when_morphs_run_in_bf16() -> None:
     defense = FMDefense(_NearTie(), ToyVAE(), FMDefenseConfig(precision="bf16"))
     assert defense._morph_labels(x).tolist() == [0, 0]  # bf16 loses the 1e-3 gap
     assert defense.classify(x).tolist() == [1, 1]  # C(x) is the float32 answer
+    assert defense._purified(x, "feature").tolist() == [1, 1]  # so is the purified label
+    # every bf16 morph says 0 while the fp32 C(x) says 1: resistance 0, not 1
+    idx, lo, hi = torch.tensor([0, 1]), torch.tensor([-1.0, -1.0]), torch.tensor([1.0, 1.0])
+    r = defense._resistance(x, idx, lo, hi)
+    assert r.shape == (2, 2) and float(r.max()) == 0.0
 
 
 def test_chunks_from_before_fp32_labels_are_relabelled_row_by_row(tmp_path: Path) -> None:

@@ -339,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--n-cle",
         type=int,
         default=None,
-        help="evaluate on the first N CLE images (default: the profile's; paper: all 5,000)",
+        help="evaluate on the first N CLE images (default: the profile's; paper: all 5,000); "
+        "use a fresh --out, and N ≥ --adaptive-limit",
     )
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:N]")
     p.set_defaults(func=_reproduce)

@@ -237,7 +237,8 @@ class FMDefense:
     ) -> dict[str, torch.Tensor] | None:
         """Upgrade a chunk from before fp32 input labels (no "label" tensor): older versions
         compared the morphs with C(x) at the morph precision. Rows whose label is the same are
-        kept (an input's morphs depend only on the input and the seed); the others are redone."""
+        kept (an input's morphs depend only on the input and the seed); the others are redone.
+        Assumes the chunk was written on this device kind (its bf16 labels are recomputed here)."""
         if "label" in saved:
             return None
         label = self._labels(x)
@@ -245,7 +246,8 @@ class FMDefense:
         r = saved["r"].clone()
         if len(changed):
             r[changed] = self._chunk_resistance(x[changed], code_idx, lo, hi, label[changed])
-        log.info("relabelled a cached chunk: %d of %d inputs redone", len(changed), len(x))
+        level = logging.INFO if len(changed) else logging.DEBUG
+        log.log(level, "relabelled a cached chunk: %d of %d inputs redone", len(changed), len(x))
         return {"r": r, "label": label}
 
     def _resistance(
@@ -445,7 +447,7 @@ class FMDefense:
             "theta_d": self.theta_d_,
             "z_u_mode": self.z_u_mode_,
             "fingerprints": self.fingerprints_,
-            "input_labels": INPUT_LABELS,
+            "input_labels": self.input_labels_,
         }
         tensors = {
             "lo": self.lo_,

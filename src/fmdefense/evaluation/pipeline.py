@@ -339,30 +339,33 @@ def stage_adaptive(
     """Each defense under its own defense-aware attack on the first `adaptive_limit` CLE
     images, judged on its hard decisions (resumable per attack and ε)."""
     from fmdefense.attacks.adaptive import DEFAULT_ATTACK
-    from fmdefense.attacks.adaptive_commands import run_sweep
+    from fmdefense.attacks.adaptive_commands import artifact_digest, run_sweep
 
     fm, point = defense, f"per-code thresholds, ρ = {defense.config.rho}"
     if profile.adaptive_fm_rho is not None:
         rho = profile.adaptive_fm_rho
         fm = defense.with_config(threshold_mode="joint", rho=rho)
         point = f"joint thresholds, VAL false positives ≤ {1 - rho:.0%}"
-    targets: dict[str, Any] = {"fm": fm}
+    targets: dict[str, tuple[Any, Path, str]] = {"fm": (fm, run / "defense", point)}
     if "magnet" in baselines:
-        targets["magnet"] = MagNet.load(run / "magnet", device).eval()
+        magnet = MagNet.load(run / "magnet", device).eval()
+        rate = f"two detectors, VAL drop rate {magnet.cfg.drop_rate} each"
+        targets["magnet"] = (magnet, run / "magnet", rate)
     if "defensegan" in baselines and (defensegan_dir(dataset) / "config.json").is_file():
-        targets["defensegan"] = DefenseGAN.load(defensegan_dir(dataset), device).eval()
+        gan = DefenseGAN.load(defensegan_dir(dataset), device).eval()
+        rate = f"VAL drop rate {gan.cfg.drop_rate}"
+        targets["defensegan"] = (gan, defensegan_dir(dataset), rate)
     x, y = x_cle[: profile.adaptive_limit], y_cle[: profile.adaptive_limit]
     changes = {} if profile.adaptive_steps is None else {"steps": profile.adaptive_steps}
-    points = {
-        "fm": point,
-        "magnet": "two detectors, VAL drop rate 0.001 each",
-        "defensegan": "VAL drop rate 0.001",
-    }
     out: dict[str, Any] = {}
-    for kind, target in targets.items():
-        source: dict[str, Any] = {"dataset": dataset, "defense": kind}
-        if kind == "fm" and profile.adaptive_fm_rho is not None:
-            source["joint_rho"] = profile.adaptive_fm_rho
+    for kind, (target, folder, operating_point) in targets.items():
+        # the digest of the saved defense joins every unit's key: a refit defense recomputes
+        source = {
+            "dataset": dataset,
+            "defense": kind,
+            "defense_digest": artifact_digest(folder),
+            "operating_point": operating_point,
+        }
         out[kind] = run_sweep(
             target,
             clf,
@@ -374,7 +377,6 @@ def stage_adaptive(
             changes=changes,
             source=source,
         )
-        out[kind]["operating_point"] = points[kind]
     return out
 
 
@@ -399,6 +401,11 @@ def run_reproduce(
         profile = dataclasses.replace(profile, attacks=attacks)
     if overrides:
         profile = dataclasses.replace(profile, **overrides)
+    if profile.n_cle is not None and profile.adaptive_limit > profile.n_cle:
+        raise InputError(
+            f"adaptive_limit {profile.adaptive_limit} exceeds the {profile.n_cle} CLE images: "
+            "lower --adaptive-limit or raise --n-cle"
+        )
     run.mkdir(parents=True, exist_ok=True)
     write_json(run / "profile.json", asdict(profile))
     ds = load_raw(dataset)
