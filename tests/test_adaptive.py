@@ -20,6 +20,7 @@ from fmdefense.attacks.adaptive import (
     margin,
     project,
     run_adaptive,
+    sanity_checks,
     shift_codes,
     step_size,
     targeted_margin,
@@ -163,3 +164,15 @@ def test_helpers_margins_projection_schedule_and_morph_codes() -> None:
     assert torch.allclose(
         shift_codes(maps, torch.tensor([2]), d), morph_codes(maps, torch.tensor([2]), d)
     )
+
+
+def test_double_budget_check_tolerates_two_standard_errors_only() -> None:
+    rows = [
+        {"eps": 0.1, "attack_success": 0.5, "n": 500},
+        {"eps": 0.3, "attack_success": 0.94, "n": 500},
+    ]
+    close = sanity_checks(rows, double_budget={"attack_success": 0.936})  # 2 of 500 images fewer
+    assert not close["more_budget_not_lower"] and close["more_budget_within_2se"]
+    far = sanity_checks(rows, double_budget={"attack_success": 0.90})  # 2 SE ≈ 0.021
+    assert not far["more_budget_within_2se"]
+    assert sanity_checks(rows, double_budget={"attack_success": 0.95})["more_budget_not_lower"]

@@ -869,8 +869,14 @@ def sanity_checks(
         "success_non_decreasing_in_eps": all(b >= a for a, b in itertools.pairwise(success)),
     }
     if double_budget is not None:
-        sanity["success_double_budget"] = double_budget["attack_success"]
-        sanity["more_budget_not_lower"] = double_budget["attack_success"] >= success[-1]
+        more, top = double_budget["attack_success"], success[-1]
+        sanity["success_double_budget"] = more
+        sanity["more_budget_not_lower"] = more >= top
+        # the doubled run is another trajectory (its step-size schedule stretches), not a
+        # superset: a drop within two binomial standard errors of the top-ε success is noise
+        n = int(per_eps[-1].get("n", 0))
+        se = math.sqrt(top * (1 - top) / n) if n else 0.0
+        sanity["more_budget_within_2se"] = more >= top - 2 * se
     if undefended is not None:
         sanity["undefended_success"] = undefended
         sanity["undefended_reaches_100"] = undefended >= 0.99
