@@ -46,6 +46,8 @@ def test_report_table_equals_results_and_a_rerun_reuses_stages(
     report = (tmp_path / "run" / "report.md").read_text()
     assert table2_markdown(saved["table2"], "mnist") in report
     assert side_by_side_markdown(saved, "mnist") in report
+    split = saved["table2_joint_fpr_5pct"]["breakdown"]["CLE"]  # accept/purify/reject, joint
+    assert abs(sum(split.values()) - 1) < 1e-6 and "reject (joint)" in report
     assert set(saved["roc_defenses"]) >= {"FM-Defense", "recon check", "MagNet"}
     assert set(saved["adaptive"]) >= {"fm", "magnet"}
     assert adaptive_markdown(saved["adaptive"]) in report

@@ -196,6 +196,7 @@ def _table2_at(
     theta_d = distance_threshold(val_r, theta, eta)
     rows = ex.table2(cle, adv, theta, theta_d)
     rows["thresholds"] = {"mode": "joint", "rho": rho, "theta": theta.tolist(), "theta_d": theta_d}
+    rows["breakdown"] = ex.breakdown({"CLE": cle, **adv}, theta, theta_d)
     return rows
 
 

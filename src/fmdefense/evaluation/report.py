@@ -213,6 +213,7 @@ def _adaptive_section(results: dict[str, Any]) -> list[str]:
 def render(results: dict[str, Any]) -> str:
     """The whole report as Markdown."""
     meta = results["meta"]
+    joint_split = results["table2_joint_fpr_5pct"].get("breakdown", {})
     out = [
         f"# FM-Defense on {meta['dataset']} — profile `{meta['profile']}`",
         "",
@@ -238,16 +239,27 @@ def render(results: dict[str, Any]) -> str:
         "### A second operating point: joint thresholds, VAL false positives ≤ 5 %",
         "",
         table2_markdown(
-            {k: v for k, v in results["table2_joint_fpr_5pct"].items() if k != "thresholds"},
+            {
+                k: v
+                for k, v in results["table2_joint_fpr_5pct"].items()
+                if k not in ("thresholds", "breakdown")
+            },
             meta["dataset"],
         ),
         "",
         "## Accept / purify / reject",
         "",
-        "| set | accept | purify | reject |",
-        "|---|---|---|---|",
+        "Share of each set; 'flagged' (purify + reject) on CLE is the clean false-positive rate, "
+        "on ADV the detection rate.",
+        "",
+        "| set | accept | purify | reject | accept (joint) | purify (joint) | reject (joint) |",
+        "|---|---|---|---|---|---|---|",
         *[
-            f"| {k} | {_pct(v['accept'])} | {_pct(v['purify'])} | {_pct(v['reject'])} |"
+            f"| {k} | {_pct(v['accept'])} | {_pct(v['purify'])} | {_pct(v['reject'])} | "
+            + " | ".join(
+                _pct(joint_split.get(k, {}).get(a)) for a in ("accept", "purify", "reject")
+            )
+            + " |"
             for k, v in results["breakdown"].items()
         ],
         "",
