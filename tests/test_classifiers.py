@@ -12,6 +12,7 @@ import torch
 from fmdefense.data import load_raw, split_tensors
 from fmdefense.errors import ArtifactError, InputError
 from fmdefense.models.classifiers import DATASET_CLASSIFIERS, Classifier, build_classifier
+from fmdefense.training.checkpoint import RESUME_FILE
 from fmdefense.training.jobs import classifier_dir
 from fmdefense.training.loops import TrainConfig, accuracy, train_classifier
 
@@ -85,7 +86,7 @@ def test_resume_state_of_another_config_is_not_continued(tmp_path: Path) -> None
     state_dir = tmp_path / "b"
     one = dataclasses.replace(cfg, epochs=1)
     train_classifier(part, (x, y), (x, y), one, state_dir, torch.device("cpu"))
-    assert (state_dir / "resume.pt").is_file()
+    assert (state_dir / RESUME_FILE).is_file()
     out = train_classifier(
         build_classifier("mnist"), (x, y), (x, y), cfg, state_dir, torch.device("cpu")
     )

@@ -162,7 +162,7 @@ def test_one_epoch_trains_and_resumes_to_the_same_weights(tmp_path: Path) -> Non
     assert row["critic_steps"] == 4 and row["generator_steps"] == 2
     assert row["gp"] > 0
     assert all(torch.isfinite(torch.tensor(v)) for v in row.values())
-    state = load_resume_state(tmp_path / "a")  # weights_only=True
+    state = load_resume_state(tmp_path / "a")  # safetensors + JSON header, no pickle
     assert state is not None and state["epoch"] == 1
     # one more epoch on top of the resume state equals two epochs in one go
     two = dataclasses.replace(TINY, epochs=2)

@@ -27,7 +27,7 @@ lists those that apply to a defense kind, `default_config` gives an attack's def
   keeping both detectors' reconstruction errors under their thresholds (Carlini & Wagner 2017).
 - `defensegan_bpda` (Defense-GAN): BPDA — the projection G(z*(x′)) runs forward with the
   defense's own search and is the identity backward — plus a hinge on ‖G(z*) − x′‖² with z*
-  fixed, under the detection threshold. 20 steps by default: every step runs a search.
+  fixed, under the detection threshold. 40 steps by default: every step runs a search.
 - `cw_transfer` applies to all three defenses; `joint`, `latent` and `square` to FM-Defense.
 
 The PGD attacks share one loop (`PGDAttack.run`, template method): each supplies `loss(x′)`
@@ -666,11 +666,12 @@ class DefenseGANBPDA(PGDAttack):
     the restarts with one draw per step) and checks success with a separate search.
 
     Cost: one search per live input per step (≈ 0.3–0.6 s per MNIST image on 2 busy cores at
-    L = 100, R = 4), so the defaults are 20 steps with a check every 5 (`default_overrides`).
+    L = 100, R = 4), so the defaults are 40 steps with a check every 5 (`default_overrides`); at 20 steps
+    the MNIST paper-profile run was not converged (doubling raised success 80.6 → 89.0 % at ε = 0.3).
     """
 
     defense_types = (DefenseGAN,)
-    default_overrides: ClassVar[dict[str, Any]] = {"steps": 20, "check_every": 5}
+    default_overrides: ClassVar[dict[str, Any]] = {"steps": 40, "check_every": 5}
 
     def prepare(
         self, x: torch.Tensor, y: torch.Tensor, pool: tuple[torch.Tensor, torch.Tensor] | None

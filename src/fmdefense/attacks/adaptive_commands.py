@@ -312,7 +312,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--steps",
         type=int,
         default=None,
-        help="PGD steps per restart (default 100; defensegan_bpda 20: a search per step)",
+        help="PGD steps per restart (default 100; defensegan_bpda 40: a search per step)",
     )
     p.add_argument("--restarts", type=int, default=None, help="PGD restarts (default 1)")
     p.add_argument("--batch-size", type=int, default=None, help="inputs attacked together (64)")

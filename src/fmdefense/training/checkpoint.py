@@ -1,12 +1,14 @@
 """Artifacts on disk: one folder holding config.json, model.safetensors and metrics.json.
 
 Everything is written to a temporary name and renamed, so a killed run never leaves a half-written
-file. Nothing here unpickles: weights are safetensors; resume state loads with weights_only=True.
+file. Nothing here unpickles: weights are safetensors, and so is resume state (its tensors in the
+file's body, everything else as JSON in the file's header metadata).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -14,17 +16,20 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fmdefense.errors import ArtifactError
 
+log = logging.getLogger(__name__)
+
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
-RESUME_FILE = "resume.pt"
+RESUME_FILE = "resume.safetensors"
+_RESUME_META = "fmdefense_resume"  # header metadata key holding the JSON skeleton
 
 
 def _atomic_path(path: Path) -> Path:
@@ -126,26 +131,80 @@ def read_metrics(folder: Path) -> dict[str, Any]:
     return dict(read_json(path)) if path.is_file() else {}
 
 
+def _flatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """`obj` as JSON-ready data; each tensor is moved into `tensors` and left as a reference."""
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {"__dict__": {k: _flatten(v, tensors) for k, v in obj.items()}}
+        if all(isinstance(k, int) for k in obj):  # optimizer state is keyed by parameter index
+            return {"__intdict__": [[k, _flatten(v, tensors)] for k, v in obj.items()]}
+        raise TypeError(f"resume state: dict keys must be all str or all int, got {list(obj)}")
+    if isinstance(obj, list | tuple):
+        items = [_flatten(v, tensors) for v in obj]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"resume state cannot hold a {type(obj).__name__}")
+
+
+def _unflatten(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Inverse of `_flatten`."""
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__dict__" in obj:
+        return {k: _unflatten(v, tensors) for k, v in obj["__dict__"].items()}
+    if "__intdict__" in obj:
+        return {int(k): _unflatten(v, tensors) for k, v in obj["__intdict__"]}
+    if "__tuple__" in obj:
+        return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
+    raise ValueError(f"unknown node {sorted(obj)}")
+
+
 def save_resume_state(folder: Path, state: Mapping[str, Any]) -> None:
-    """Save optimizer/model/epoch state for resuming (plain tensors and numbers only)."""
-    tmp = _atomic_path(Path(folder) / RESUME_FILE)
+    """Save optimizer/model/epoch state for resuming, as one safetensors file written atomically.
+
+    Tensors (weights, optimizer moments, RNG states) go in the body; the nesting and the plain
+    values (epochs, history, configs) go as JSON in the header metadata, so one rename publishes
+    both together.
+    """
+    path = Path(folder) / RESUME_FILE
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = json.dumps(_flatten(dict(state), tensors))
+    tmp = _atomic_path(path)
     try:
-        torch.save(dict(state), tmp)
-        os.replace(tmp, Path(folder) / RESUME_FILE)
+        # cloned: safetensors refuses tensors sharing storage (tied weights, views)
+        body = {k: v.detach().cpu().clone() for k, v in tensors.items()}
+        save_file(body, str(tmp), metadata={_RESUME_META: skeleton})
+        os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def load_resume_state(folder: Path) -> dict[str, Any] | None:
-    """Load resume state with weights_only=True (no arbitrary unpickling); None when absent."""
+    """Load the state `save_resume_state` wrote (no unpickling); None when absent."""
     path = Path(folder) / RESUME_FILE
     if not path.is_file():
+        if (Path(folder) / "resume.pt").is_file():
+            log.warning("%s: ignoring resume.pt (old pickle format); training starts over", folder)
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError) as exc:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+        state = _unflatten(json.loads(meta[_RESUME_META]), tensors)
+    except (SafetensorError, OSError, KeyError, ValueError) as exc:
         raise ArtifactError(f"corrupt resume state {path}: {exc}; delete it to start over") from exc
-    return dict(state)
+    if not isinstance(state, dict):
+        raise ArtifactError(f"corrupt resume state {path}: not a mapping; delete it to start over")
+    return state
 
 
 M = TypeVar("M", bound=nn.Module)

@@ -96,7 +96,7 @@ def train_classifier(
 ) -> dict[str, Any]:
     """Train `model` in place; save resume state every epoch; return per-epoch history.
 
-    A run that finds `resume.pt` in `out_dir` continues from its last finished epoch.
+    A run that finds `resume.safetensors` in `out_dir` continues from its last finished epoch.
     """
     torch.manual_seed(cfg.seed)
     model.to(device)
