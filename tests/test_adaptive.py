@@ -110,8 +110,21 @@ def test_evaluate_adaptive_is_json_and_its_sanity_checks_hold(defense: FMDefense
         assert row["linf"] <= row["eps"] + 1e-6
     assert out["clean"]["accept_rate"] == 1.0 and out["clean"]["attack_success"] == 0.0
     s = out["sanity"]
-    assert s["success_non_decreasing_in_eps"] and s["more_budget_not_lower"]
+    assert s["success_non_decreasing_in_eps"] and s["more_budget_within_2se"]
+    assert s["more_restarts_not_lower"] and s["success_double_restarts"] >= s["success_by_eps"][-1]
     assert s["undefended_reaches_100"] and s["success_unbounded"] == 1.0
+    assert s["unbounded_reaches_100"] and s["passed"]
+
+
+def test_a_second_restart_only_adds_successes(defense: FMDefense) -> None:
+    """The first of two restarts repeats the one-restart run, so no input it fooled is lost."""
+    x, y = toy_inputs()
+    cfg = AdaptiveConfig(eps=0.15, steps=10, kappa=0.0)
+    one = make_attack("joint", defense, cfg).run(x, y)
+    two = make_attack("joint", defense, cfg.with_restarts(2)).run(x, y)
+    assert 0 < int(one.success.sum()) < len(x)  # room to add, something to lose
+    assert bool((two.success | ~one.success).all())
+    assert torch.equal(two.x_adv[one.success], one.x_adv[one.success])
 
 
 def test_bad_inputs_raise_clear_errors(defense: FMDefense) -> None:
@@ -176,3 +189,11 @@ def test_double_budget_check_tolerates_two_standard_errors_only() -> None:
     far = sanity_checks(rows, double_budget={"attack_success": 0.90})  # 2 SE ≈ 0.021
     assert not far["more_budget_within_2se"]
     assert sanity_checks(rows, double_budget={"attack_success": 0.95})["more_budget_not_lower"]
+    assert close["converged"] and close["passed"] and not far["passed"]
+    rising = sanity_checks(rows, double_budget={"attack_success": 0.955})  # +1.4 SE: converged
+    assert rising["converged"]
+    assert not sanity_checks(rows, double_budget={"attack_success": 0.99})["converged"]
+    lost = sanity_checks(rows, double_restarts={"attack_success": 0.938})  # strict
+    assert not lost["more_restarts_not_lower"] and not lost["passed"]
+    undefended_short = sanity_checks(rows, undefended=0.95)
+    assert not undefended_short["undefended_reaches_100"] and not undefended_short["passed"]

@@ -17,7 +17,12 @@ from fmdefense.models.losses import (
     permute_dims,
     tc_estimate,
 )
-from fmdefense.training.vae import kl_term, traversal_label_stability, vae_step
+from fmdefense.training.vae import (
+    consistency_loss,
+    kl_term,
+    traversal_label_stability,
+    vae_step,
+)
 
 
 @pytest.mark.parametrize("dataset", ["mnist", "orl"])
@@ -185,3 +190,47 @@ def test_traversal_label_stability_counts_label_changes_per_code() -> None:
     # Code 0 swept over [0.1, 0.9]: half the values sit on the other side of 0.5.
     assert out["per_code"] == pytest.approx([0.5, 1.0], abs=0.01)
     assert out["mean"] == pytest.approx(0.75, abs=0.01)
+
+
+def _grads_with_consistency(weight: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    torch.manual_seed(0)
+    vae = ComboVAE(DATASET_VAES["mnist"])
+    vae.dgmm.requires_grad_(False)
+    clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)).requires_grad_(False)
+    opt_vae = torch.optim.Adam([*vae.encoder.parameters(), *vae.decoder.parameters()], lr=0.0)
+    torch.manual_seed(1)
+    x = torch.rand(8, 1, 28, 28)
+    row = vae_step(
+        vae,
+        None,
+        x,
+        0.0,
+        1.0,
+        opt_vae,
+        None,
+        torch.Generator(),
+        classifier=clf,
+        w_consistency=weight,
+    )
+    assert (row["consistency"] > 0) == (weight > 0)
+    assert all(p.grad is None for p in clf.parameters())  # the classifier stays frozen
+    enc = [p.grad.clone() for p in vae.encoder.parameters() if p.grad is not None]
+    dec = [p.grad.clone() for p in vae.decoder.parameters() if p.grad is not None]
+    return enc, dec
+
+
+def test_consistency_term_trains_the_decoder_only() -> None:
+    """KL(C(x) ‖ C(D(sg(z_s), z_u))) changes the decoder's gradient, never the encoder's."""
+    enc0, dec0 = _grads_with_consistency(0.0)
+    enc1, dec1 = _grads_with_consistency(5.0)
+    assert len(enc0) == len(enc1) > 0
+    for a, b in zip(enc0, enc1, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(dec0, dec1, strict=True))
+
+
+def test_consistency_loss_is_zero_for_identical_inputs_and_positive_otherwise() -> None:
+    clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    x = torch.rand(4, 1, 28, 28)
+    assert consistency_loss(clf, x, x).item() == pytest.approx(0.0, abs=1e-6)
+    assert consistency_loss(clf, x, 1 - x).item() > 0

@@ -35,6 +35,7 @@ from fmdefense.attacks.adaptive import (
     attacks_for,
     default_config,
     evaluate_eps,
+    more_restarts_apply,
     sanity_checks,
     undefended_success,
 )
@@ -194,10 +195,14 @@ def run_sweep(
     for name in attacks:
         cfg = configs[name]
         double: dict[str, Any] | None = None
+        restarts: dict[str, Any] | None = None
         unbounded: dict[str, Any] | None = None
         if checks:
             file = f"double-budget-eps-{_eps_name(top)}.json"
             double = attack_unit(name, top, cfg.with_budget(2), file)
+            if more_restarts_apply(name):
+                file = f"double-restarts-eps-{_eps_name(top)}.json"
+                restarts = attack_unit(name, top, cfg.with_restarts(2), file)
         if unbounded_eps is not None:
             eps_u = float(unbounded_eps)
             unbounded = attack_unit(name, eps_u, cfg, f"unbounded-eps-{_eps_name(eps_u)}.json")
@@ -205,7 +210,11 @@ def run_sweep(
             "config": dataclasses.asdict(cfg),
             "per_eps": per_eps[name],
             "sanity": sanity_checks(
-                per_eps[name], double_budget=double, undefended=undefended, unbounded=unbounded
+                per_eps[name],
+                double_budget=double,
+                double_restarts=restarts,
+                undefended=undefended,
+                unbounded=unbounded,
             ),
         }
     summary = {

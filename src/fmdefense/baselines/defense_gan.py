@@ -315,8 +315,8 @@ def train_defense_gan(
     """WGAN-GP on clean images x (n, C, H, W); per-epoch history; resumable from `folder`.
 
     Every real batch makes one critic step; every n_critic-th batch also one generator step.
-    With `folder`, `resume.safetensors` is written after each epoch and a later call continues from it
-    (when the training settings match; `epochs` may grow).
+    With `folder`, `resume.safetensors` is written after each epoch and a later call continues
+    from it (when the training settings match; `epochs` may grow).
     """
     cfg = model.cfg
     check_images(x, channels=cfg.in_channels, size=cfg.image_size)

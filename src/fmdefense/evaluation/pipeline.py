@@ -68,6 +68,8 @@ class Profile:
     # joint thresholds at this clean pass rate (the per-code rule at ρ = 0.999 flags nothing
     # at N = 100, which would make the attack one on the bare classifier)
     adaptive_fm_rho: float | None = None
+    # one more ε where success should reach ~100 % (the "unbounded" sanity check); None: skipped
+    adaptive_unbounded_eps: float | None = 1.0
     seed: int = 0
 
 
@@ -377,6 +379,7 @@ def stage_adaptive(
             run / "adaptive" / kind,
             changes=changes,
             source=source,
+            unbounded_eps=profile.adaptive_unbounded_eps,
         )
     return out
 

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fmdefense.data import load_raw, split_tensors
+from fmdefense.errors import InputError
 from fmdefense.models.classifiers import Classifier
 from fmdefense.models.combo_vae import DATASET_VAES, ComboVAE, TCDiscriminator
 from fmdefense.models.losses import (
@@ -60,7 +61,13 @@ class VAETrainConfig:
     # term leaves unpenalised (Kingma et al. 2016); keeps codes from collapsing to the prior
     margin: float = 0.1  # L-GM margin α
     dgmm_shift: int = 2  # random ±px shifts while training DGMM (it is a classifier too)
+    dgmm_hflip: bool = False  # random horizontal flips while training DGMM (clothes, not digits)
     lambda_lkd: float = 0.1
+    # Weight of an optional decoder-only classifier-consistency term, KL(C(x) ‖ C(D(sg(z_s), z_u))):
+    # a departure from the paper (its decoder sees L_R alone), used where L_R's blur costs the
+    # target classifier too much on reconstructions. The encoder never gets this gradient, so
+    # z_s is not pushed to carry the label.
+    w_consistency: float = 0.0
     seed: int = 0
     limit: int | None = None  # use only the first `limit` training images (smoke runs)
 
@@ -133,7 +140,7 @@ def train_dgmm(
             leave=False,
             disable=None,
         ):
-            xb = augment(x[idx], cfg.dgmm_shift, False, gen).to(device)
+            xb = augment(x[idx], cfg.dgmm_shift, cfg.dgmm_hflip, gen).to(device)
             yb = y[idx].to(device)
             z = dgmm(xb)
             loss, _, l_lkd = lgm_loss(
@@ -185,8 +192,11 @@ def vae_step(
     opt_tc: torch.optim.Optimizer | None,
     gen: torch.Generator,
     free_bits: float = 0.0,
+    classifier: torch.nn.Module | None = None,
+    w_consistency: float = 0.0,
 ) -> dict[str, float]:
-    """One stage-2 update in the safe order (see module docstring)."""
+    """One stage-2 update in the safe order (see module docstring); with `classifier` and
+    `w_consistency` > 0, plus the decoder-only consistency term (see VAETrainConfig)."""
     half = len(xb) // 2 if disc is not None else len(xb)
     x1, x2 = xb[:half], xb[half:]
     with torch.no_grad():
@@ -199,6 +209,10 @@ def vae_step(
     penalised = kl_term(mu, logvar, free_bits) if free_bits > 0 else kl
     tc = tc_estimate(disc(z)) if disc is not None else torch.zeros(())
     loss = l_r + beta * penalised + gamma * tc
+    consistency = torch.zeros(())
+    if classifier is not None and w_consistency > 0:
+        consistency = consistency_loss(classifier, x1, vae.decoder(z.detach(), z_u))
+        loss = loss + w_consistency * consistency
     opt_vae.zero_grad(set_to_none=True)
     loss.backward()
     d_loss = torch.zeros(())
@@ -219,13 +233,35 @@ def vae_step(
         "kl": kl.item(),
         "tc": tc.item(),
         "d_loss": d_loss.item(),
+        "consistency": consistency.item(),
     }
 
 
+def consistency_loss(
+    classifier: torch.nn.Module, x: torch.Tensor, recon: torch.Tensor
+) -> torch.Tensor:
+    """KL(C(x) ‖ C(recon)) averaged over the batch: the classifier should read a reconstruction
+    as it reads the input. C is frozen (eval, no parameter grads); the gradient reaches `recon`."""
+    with torch.no_grad():
+        target = torch.log_softmax(classifier(x).float(), 1)  # (B, classes)
+    pred = torch.log_softmax(classifier(recon).float(), 1)  # (B, classes)
+    return torch.nn.functional.kl_div(pred, target, reduction="batchmean", log_target=True)
+
+
 def train_stage2(
-    vae: ComboVAE, x: torch.Tensor, cfg: VAETrainConfig, folder: Path, device: torch.device
+    vae: ComboVAE,
+    x: torch.Tensor,
+    cfg: VAETrainConfig,
+    folder: Path,
+    device: torch.device,
+    classifier: torch.nn.Module | None = None,
 ) -> list[dict[str, Any]]:
-    """Stage 2: E_s and decoder (and D_tc when γ > 0) with DGMM frozen."""
+    """Stage 2: E_s and decoder (and D_tc when γ > 0) with DGMM frozen; `classifier` is
+    required when cfg.w_consistency > 0."""
+    if cfg.w_consistency > 0 and classifier is None:
+        raise InputError("w_consistency > 0 needs the target classifier (train it first)")
+    if classifier is not None:
+        classifier = classifier.to(device).eval().requires_grad_(False)
     vae.to(device)
     vae.dgmm.requires_grad_(False).eval()
     params = [*vae.encoder.parameters(), *vae.decoder.parameters()]
@@ -256,7 +292,21 @@ def train_stage2(
             disable=None,
         ):
             xb = x[idx].to(device)
-            rows.append(vae_step(vae, disc, xb, gamma, beta, opt_vae, opt_tc, gen, cfg.free_bits))
+            rows.append(
+                vae_step(
+                    vae,
+                    disc,
+                    xb,
+                    gamma,
+                    beta,
+                    opt_vae,
+                    opt_tc,
+                    gen,
+                    cfg.free_bits,
+                    classifier,
+                    cfg.w_consistency,
+                )
+            )
         row: dict[str, Any] = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
         row |= {
             "epoch": epoch + 1,
@@ -429,11 +479,11 @@ def run_train_vae(
         x, y = x[: cfg.limit], y[: cfg.limit]
     vae = ComboVAE(DATASET_VAES[dataset])
     t0 = time.perf_counter()
-    h1 = train_dgmm(vae, x, y, cfg, out_dir / "stage1-dgmm", device)
-    h2 = train_stage2(vae, x, cfg, out_dir / "stage2-vae", device)
-    seconds = time.perf_counter() - t0
     clf_path = classifier_dir(dataset)
     clf = Classifier.load(clf_path, device) if (clf_path / "config.json").is_file() else None
+    h1 = train_dgmm(vae, x, y, cfg, out_dir / "stage1-dgmm", device)
+    h2 = train_stage2(vae, x, cfg, out_dir / "stage2-vae", device, clf)
+    seconds = time.perf_counter() - t0
     if clf is None:
         log.info("no classifier at %s: accuracy on reconstructions not measured", clf_path)
     x_test, y_test = split_tensors(ds, "test")
