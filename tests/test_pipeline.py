@@ -13,6 +13,7 @@ import fmdefense.evaluation.pipeline as pipeline
 from fmdefense.defense.detector import FMDefense
 from fmdefense.evaluation.report import (
     adaptive_markdown,
+    sanity_markdown,
     side_by_side_markdown,
     table2_markdown,
 )
@@ -51,6 +52,9 @@ def test_report_table_equals_results_and_a_rerun_reuses_stages(
     assert set(saved["roc_defenses"]) >= {"FM-Defense", "recon check", "MagNet"}
     assert set(saved["adaptive"]) >= {"fm", "magnet"}
     assert adaptive_markdown(saved["adaptive"]) in report
+    assert sanity_markdown(saved["adaptive"]) in report
+    fm_sanity = saved["adaptive"]["fm"]["attacks"]["joint"]["sanity"]
+    assert {"passed", "success_double_restarts", "success_unbounded"} <= set(fm_sanity)
     assert saved["adaptive"]["fm"]["operating_point"].startswith("joint thresholds")
     assert "Operating points: fm: joint thresholds" in report
     assert saved["table2"]["fgsm"]["n"] == 12 and saved["meta"]["counts"]["VAL"] == 24
