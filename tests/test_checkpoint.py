@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from fmdefense.errors import ArtifactError
 from fmdefense.training.checkpoint import RESUME_FILE, load_resume_state, save_resume_state
@@ -37,11 +41,14 @@ def test_round_trip_restores_model_optimizer_scheduler_and_rng(tmp_path: Path) -
         "train_config": {"lr": 0.01, "size": [28, 28], "name": None},
     }
     save_resume_state(tmp_path, state)
-    assert (tmp_path / RESUME_FILE).read_bytes()[:8] != b"\x80\x04\x95"  # not a pickle
+    path = tmp_path / RESUME_FILE
+    assert not zipfile.is_zipfile(path)  # not torch.save's zip of pickles
+    with safe_open(str(path), framework="pt") as f:  # a plain safetensors file
+        assert len(list(f.keys())) > 0 and "fmdefense_resume" in (f.metadata() or {})
     back = load_resume_state(tmp_path)
     assert back is not None
     assert back["epoch"] == 1 and back["train_config"] == state["train_config"]
-    assert back["history"][0]["loss"] == 0.5 and back["history"][0]["nan"] != 0.5
+    assert back["history"][0]["loss"] == 0.5 and math.isnan(back["history"][0]["nan"])
     betas = back["optimizer"]["param_groups"][0]["betas"]
     assert isinstance(betas, tuple) and betas == opt.state_dict()["param_groups"][0]["betas"]
     assert sorted(back["optimizer"]["state"]) == [0, 1, 2, 3]  # int keys again
@@ -83,3 +90,41 @@ def test_unsupported_values_are_refused(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="cannot hold"):
         save_resume_state(tmp_path, {"f": object()})
     assert not (tmp_path / RESUME_FILE).exists()
+
+
+@pytest.mark.parametrize(
+    "skeleton",
+    [
+        '{"__tensor__": [1]}',
+        '{"__tensor__": "missing"}',
+        '{"__dict__": [1]}',
+        '{"__intdict__": 5}',
+        '{"__intdict__": [[[1], 2]]}',
+        '{"__tuple__": 5}',
+        '{"__dict__": {}, "extra": 1}',
+        '{"__other__": 1}',
+        "[" * 100_000 + "]" * 100_000,  # deeper than Python's recursion limit
+        "not json",
+    ],
+)
+def test_crafted_headers_raise_artifact_error(tmp_path: Path, skeleton: str) -> None:
+    header = {"fmdefense_resume": skeleton}
+    save_file({"t0": torch.ones(1)}, str(tmp_path / RESUME_FILE), metadata=header)
+    with pytest.raises(ArtifactError, match="corrupt resume state"):
+        load_resume_state(tmp_path)
+
+
+def test_strided_and_shared_tensors_are_saved(tmp_path: Path) -> None:
+    w = torch.arange(6.0).reshape(2, 3)
+    save_resume_state(
+        tmp_path,
+        {
+            "t": w.t(),
+            "same": w,
+            "again": w,
+            "cl": torch.ones(1, 2, 3, 3).to(memory_format=torch.channels_last),
+        },
+    )
+    back = load_resume_state(tmp_path)
+    assert back is not None and torch.equal(back["t"], w.t()) and torch.equal(back["again"], w)
+    assert (tmp_path / RESUME_FILE).stat().st_mode & 0o777 == 0o644

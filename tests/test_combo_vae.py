@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -18,8 +19,10 @@ from fmdefense.models.losses import (
     tc_estimate,
 )
 from fmdefense.training.vae import (
+    VAETrainConfig,
     consistency_loss,
     kl_term,
+    train_stage2,
     traversal_label_stability,
     vae_step,
 )
@@ -234,3 +237,19 @@ def test_consistency_loss_is_zero_for_identical_inputs_and_positive_otherwise() 
     x = torch.rand(4, 1, 28, 28)
     assert consistency_loss(clf, x, x).item() == pytest.approx(0.0, abs=1e-6)
     assert consistency_loss(clf, x, 1 - x).item() > 0
+
+
+def test_stage2_consistency_needs_a_classifier_and_freezes_it(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    vae = ComboVAE(DATASET_VAES["mnist"])
+    clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))  # not frozen here
+    cfg = VAETrainConfig(epochs_vae=1, batch_size=8, w_consistency=1.0)
+    x = torch.rand(16, 1, 28, 28)
+    cpu = torch.device("cpu")
+    with pytest.raises(InputError, match="needs the target classifier"):
+        train_stage2(vae, x, cfg, tmp_path / "a", cpu)
+    with pytest.raises(InputError, match=">= 0"):
+        train_stage2(vae, x, dataclasses.replace(cfg, w_consistency=-1.0), tmp_path / "b", cpu, clf)
+    (row,) = train_stage2(vae, x, cfg, tmp_path / "c", cpu, clf)
+    assert row["consistency"] > 0
+    assert all(not p.requires_grad and p.grad is None for p in clf.parameters())

@@ -143,8 +143,9 @@ def run_sweep(
 
     `changes` overrides fields of each attack's `default_config`; `source` describes the defense
     and inputs (it joins every unit's key, so a different defense or input set recomputes).
-    Sanity checks (with `checks`): twice the budget at the largest ε, undefended PGD on the
-    bare classifier at the largest ε; with `unbounded_eps`, one more run there.
+    Sanity checks (with `checks`): twice the steps and (PGD attacks) twice the restarts at the
+    largest ε, undefended PGD on the bare classifier at the largest ε; with `unbounded_eps`, one
+    more run there. See `sanity_checks` for how each is judged.
     """
     from fmdefense.defense.detector import fingerprint, fingerprint_tensor
 

@@ -152,20 +152,25 @@ def _flatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def _unflatten(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    """Inverse of `_flatten`."""
+    """Inverse of `_flatten`; a malformed node raises ValueError."""
     if isinstance(obj, list):
         return [_unflatten(v, tensors) for v in obj]
     if not isinstance(obj, dict):
         return obj
-    if "__tensor__" in obj:
-        return tensors[obj["__tensor__"]]
-    if "__dict__" in obj:
-        return {k: _unflatten(v, tensors) for k, v in obj["__dict__"].items()}
-    if "__intdict__" in obj:
-        return {int(k): _unflatten(v, tensors) for k, v in obj["__intdict__"]}
-    if "__tuple__" in obj:
-        return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
-    raise ValueError(f"unknown node {sorted(obj)}")
+    if len(obj) != 1:
+        raise ValueError(f"malformed node with keys {sorted(obj)}")
+    ((tag, body),) = obj.items()
+    if tag == "__tensor__" and isinstance(body, str) and body in tensors:
+        return tensors[body]
+    if tag == "__dict__" and isinstance(body, dict):
+        return {k: _unflatten(v, tensors) for k, v in body.items()}
+    if tag == "__intdict__" and isinstance(body, list):
+        if not all(isinstance(kv, list) and len(kv) == 2 and type(kv[0]) is int for kv in body):
+            raise ValueError("malformed __intdict__ node")
+        return {k: _unflatten(v, tensors) for k, v in body}
+    if tag == "__tuple__" and isinstance(body, list):
+        return tuple(_unflatten(v, tensors) for v in body)
+    raise ValueError(f"malformed {tag!r} node")
 
 
 def save_resume_state(folder: Path, state: Mapping[str, Any]) -> None:
@@ -180,9 +185,10 @@ def save_resume_state(folder: Path, state: Mapping[str, Any]) -> None:
     skeleton = json.dumps(_flatten(dict(state), tensors))
     tmp = _atomic_path(path)
     try:
-        # cloned: safetensors refuses tensors sharing storage (tied weights, views)
-        body = {k: v.detach().cpu().clone() for k, v in tensors.items()}
+        # contiguous copies: safetensors refuses shared storage (tied weights) and strided layouts
+        body = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
         save_file(body, str(tmp), metadata={_RESUME_META: skeleton})
+        os.chmod(tmp, 0o644)  # save_file recreates the file with its own mode
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -196,11 +202,11 @@ def load_resume_state(folder: Path) -> dict[str, Any] | None:
             log.warning("%s: ignoring resume.pt (old pickle format); training starts over", folder)
         return None
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:  # one open: header and tensors agree
             meta = f.metadata() or {}
-        tensors = load_file(str(path))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
         state = _unflatten(json.loads(meta[_RESUME_META]), tensors)
-    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+    except (SafetensorError, OSError, KeyError, ValueError, RecursionError) as exc:
         raise ArtifactError(f"corrupt resume state {path}: {exc}; delete it to start over") from exc
     if not isinstance(state, dict):
         raise ArtifactError(f"corrupt resume state {path}: not a mapping; delete it to start over")

@@ -6,7 +6,8 @@ E_s, the decoder and D_tc. One update order keeps the FactorVAE pitfalls out:
   2. D_tc loss on *detached* codes of both halves (second half permuted); backward;
   3. only then both optimiser steps.
 So no discriminator gradient reaches the encoder, and no step precedes a backward that needs the
-old weights. The decoder only sees L_R (KL and TC do not depend on it).
+old weights. The decoder only sees L_R (KL and TC do not depend on it), as in the paper, unless
+the optional classifier-consistency term is on (`VAETrainConfig.w_consistency`; decoder only).
 """
 
 from __future__ import annotations
@@ -248,6 +249,13 @@ def consistency_loss(
     return torch.nn.functional.kl_div(pred, target, reduction="batchmean", log_target=True)
 
 
+def _check_consistency(cfg: VAETrainConfig, classifier: torch.nn.Module | None) -> None:
+    if cfg.w_consistency < 0:
+        raise InputError(f"w_consistency must be >= 0, got {cfg.w_consistency}")
+    if cfg.w_consistency > 0 and classifier is None:
+        raise InputError("w_consistency > 0 needs the target classifier (train it first)")
+
+
 def train_stage2(
     vae: ComboVAE,
     x: torch.Tensor,
@@ -258,8 +266,7 @@ def train_stage2(
 ) -> list[dict[str, Any]]:
     """Stage 2: E_s and decoder (and D_tc when γ > 0) with DGMM frozen; `classifier` is
     required when cfg.w_consistency > 0."""
-    if cfg.w_consistency > 0 and classifier is None:
-        raise InputError("w_consistency > 0 needs the target classifier (train it first)")
+    _check_consistency(cfg, classifier)
     if classifier is not None:
         classifier = classifier.to(device).eval().requires_grad_(False)
     vae.to(device)
@@ -481,6 +488,7 @@ def run_train_vae(
     t0 = time.perf_counter()
     clf_path = classifier_dir(dataset)
     clf = Classifier.load(clf_path, device) if (clf_path / "config.json").is_file() else None
+    _check_consistency(cfg, clf)  # before stage 1, not after it
     h1 = train_dgmm(vae, x, y, cfg, out_dir / "stage1-dgmm", device)
     h2 = train_stage2(vae, x, cfg, out_dir / "stage2-vae", device, clf)
     seconds = time.perf_counter() - t0
