@@ -76,9 +76,11 @@ class VAETrainConfig:
 VAE_TRAIN_CONFIGS: dict[str, VAETrainConfig] = {
     "mnist": VAETrainConfig(),
     # 20 epochs left DGMM under-fitted (train 88.9 %, test 88.3 %): longer, and a wider net.
-    # Width 64 and 40 epochs: DGMM 90.4 %, C on reconstructions 80.8 / 82.7 % (shipped). Two free
-    # nats per z_s dim kept every dim active but gave 79.1 / 80.5 %: not used.
-    "fmnist": VAETrainConfig(epochs_dgmm=40, epochs_vae=40),
+    # Width 64 and 40 epochs: DGMM 90.4 %, C on reconstructions 80.8 / 82.7 % with L_R alone
+    # (below the 85 % target). Two free nats per z_s dim kept every dim active but gave
+    # 79.1 / 80.5 %: not used. The decoder-only consistency term at weight 10, fine-tuning that
+    # model for 2 epochs, gave 89.7 / 90.1 % at the same MSE (30: no better): used, from scratch.
+    "fmnist": VAETrainConfig(epochs_dgmm=40, epochs_vae=40, dgmm_hflip=True, w_consistency=10.0),
     # Without free bits every z_s channel went to the prior (spread 0.00): 280 faces let z_u
     # alone carry the identity, so the KL term had nothing to trade against.
     "orl": VAETrainConfig(
