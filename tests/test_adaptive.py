@@ -195,5 +195,8 @@ def test_double_budget_check_tolerates_two_standard_errors_only() -> None:
     assert not sanity_checks(rows, double_budget={"attack_success": 0.99})["converged"]
     lost = sanity_checks(rows, double_restarts={"attack_success": 0.938})  # strict
     assert not lost["more_restarts_not_lower"] and not lost["passed"]
+    both = {"double_budget": {"attack_success": 0.945}, "double_restarts": {"attack_success": 0.97}}
+    gained = sanity_checks(rows, **both)  # restarts gain 3 points > 2 SE: not converged
+    assert gained["passed"] and not gained["converged"]
     undefended_short = sanity_checks(rows, undefended=0.95)
     assert not undefended_short["undefended_reaches_100"] and not undefended_short["passed"]

@@ -71,3 +71,21 @@ def test_report_table_equals_results_and_a_rerun_reuses_stages(
     monkeypatch.setattr(pipeline, "run_train_magnet", must_not_run)
     again = _run(tmp_path / "run")
     assert again["table2"] == first["table2"]
+
+
+def test_calibration_after_retraining_the_vae_gets_fresh_val_chunks(tmp_path: Path) -> None:
+    """The VAL chunk folder is keyed by the models: a retrained combo-VAE does not collide with
+    the chunks of the old one (it used to stop with 'holds chunks of another run')."""
+    from fmdefense.defense.detector import FMDefenseConfig
+    from tests.toys import ToyClassifier, ToyVAE, images
+
+    x_val = images([0.05 * i for i in range(1, 20) if i != 10])
+    y_val = (x_val.flatten(1).mean(1) > 0.5).long()
+    cfg = FMDefenseConfig(n_morphs=8, rho=0.9, eta=0.5, channels_last=False)
+    clf, old, new = ToyClassifier(), ToyVAE(), ToyVAE()
+    with torch.no_grad():
+        new.bias.fill_(0.01)  # "retrained": other weights
+    pipeline.stage_calibrate(tmp_path, clf, old, cfg, x_val, y_val)
+    pipeline.stage_calibrate(tmp_path, clf, new, cfg, x_val, y_val)
+    assert len(list((tmp_path / "cache").glob("val-*"))) == 2
+    assert FMDefense.load(tmp_path / "defense", clf, new).config == cfg

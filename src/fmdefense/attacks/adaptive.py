@@ -872,10 +872,11 @@ def sanity_checks(
     """The adaptive-attack literature's checks from rows of `evaluate_eps` (sorted by ε).
 
     `double_budget`: the top-ε row with twice the PGD steps — another trajectory (the step-size
-    schedule stretches), so it is judged within two binomial standard errors: not lower
-    (`more_budget_within_2se`) and not much higher (`converged`). `double_restarts`: the top-ε
-    row with twice the restarts, whose first restart repeats the base run, so a correct
-    implementation can only add successes (`more_restarts_not_lower`, strict).
+    schedule stretches), so it is judged within two binomial standard errors
+    (`more_budget_within_2se`). `double_restarts`: the top-ε row with twice the restarts, whose
+    first restart repeats the base run, so a correct implementation can only add successes
+    (`more_restarts_not_lower`, strict). `converged`: neither doubling raises success by more
+    than two standard errors (otherwise the top-ε robust accuracy is only an upper bound).
     `passed` joins the checks that were run (all but `converged`, which is reported beside).
     """
     success = [row["attack_success"] for row in per_eps]
@@ -892,12 +893,14 @@ def sanity_checks(
         sanity["success_double_budget"] = more
         sanity["more_budget_not_lower"] = more >= top  # strict, reported for transparency
         sanity["more_budget_within_2se"] = more >= top - 2 * se
-        sanity["converged"] = more <= top + 2 * se
         verdicts.append("more_budget_within_2se")
     if double_restarts is not None:
         sanity["success_double_restarts"] = double_restarts["attack_success"]
         sanity["more_restarts_not_lower"] = double_restarts["attack_success"] >= top
         verdicts.append("more_restarts_not_lower")
+    more_runs = [r["attack_success"] for r in (double_budget, double_restarts) if r is not None]
+    if more_runs:  # neither doubling gains more than noise: the top-ε figure is not a bound
+        sanity["converged"] = max(more_runs) <= top + 2 * se
     if undefended is not None:
         sanity["undefended_success"] = undefended
         sanity["undefended_reaches_100"] = undefended >= 0.99

@@ -143,7 +143,9 @@ def stage_calibrate(
             return defense
     except (ArtifactError, KeyError):
         pass
-    key = config_hash({"cfg": asdict(cfg), "val": fingerprint_tensor(x_val)})
+    # the models join the key: a retrained combo-VAE or classifier gets fresh VAL chunks
+    models = [fingerprint(clf), fingerprint(vae)]
+    key = config_hash({"cfg": asdict(cfg), "val": fingerprint_tensor(x_val), "models": models})
     defense = FMDefense(clf, vae, cfg).fit(x_val, y_val, cache_dir=run / "cache" / f"val-{key}")
     defense.save(folder)
     return defense
