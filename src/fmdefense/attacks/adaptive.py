@@ -636,9 +636,13 @@ class MagNetJointPGD(PGDAttack):
     input is that of the reformed image) + w_stealth · Σ_j max(e_j(x′)/τ_j − (1 − m), 0) over
     detector I (mean squared error of AE_I) and detector II (mean absolute error of AE_II), so
     each error is pushed below its threshold τ_j by the relative margin m = `stealth_margin`.
+
+    Four restarts by default (a run costs ≈ 0.02 s per MNIST image here): with one, a second
+    restart still raised success 94.0 → 96.4 % at ε = 0.3 on the MNIST paper-profile run.
     """
 
     defense_types = (MagNet,)
+    default_overrides: ClassVar[dict[str, Any]] = {"restarts": 4}
 
     def loss(
         self, x_adv: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, gen: torch.Generator
