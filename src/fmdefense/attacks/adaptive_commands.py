@@ -324,7 +324,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="PGD steps per restart (default 100; defensegan_bpda 40: a search per step)",
     )
-    p.add_argument("--restarts", type=int, default=None, help="PGD restarts (default 1)")
+    p.add_argument(
+        "--restarts", type=int, default=None, help="PGD restarts (default 1; magnet_joint 4)"
+    )
     p.add_argument("--batch-size", type=int, default=None, help="inputs attacked together (64)")
     p.add_argument(
         "--no-checks",
