@@ -161,6 +161,15 @@ def _by_defense(adaptive: dict[str, Any]) -> list[tuple[str, Any]]:
     return sorted(adaptive.items(), key=lambda kv: (order.get(kv[0], 9), kv[0]))
 
 
+def _attack_results(adaptive: dict[str, Any]) -> list[tuple[str, Any, str, Any]]:
+    """(defense kind, its summary, attack name, that attack's results), defenses in order."""
+    return [
+        (kind, summary, attack, res)
+        for kind, summary in _by_defense(adaptive)
+        for attack, res in summary["attacks"].items()
+    ]
+
+
 def adaptive_markdown(adaptive: dict[str, Any]) -> str:
     """Robust accuracy with rejection per defense and ε under its own adaptive attack."""
     lines = [
@@ -168,15 +177,14 @@ def adaptive_markdown(adaptive: dict[str, Any]) -> str:
         "attack success | s / image |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for kind, summary in _by_defense(adaptive):
-        for attack, res in summary["attacks"].items():
-            for row in res["per_eps"]:
-                lines.append(
-                    f"| {kind} | {attack} | {summary['n']} | "
-                    f"{_pct(summary['clean']['accept_rate'])} | {row['eps']} | "
-                    f"{_pct(row['robust_accuracy_with_rejection'])} | "
-                    f"{_pct(row['attack_success'])} | {row['seconds_per_image']:.2f} |"
-                )
+    for kind, summary, attack, res in _attack_results(adaptive):
+        for row in res["per_eps"]:
+            lines.append(
+                f"| {kind} | {attack} | {summary['n']} | "
+                f"{_pct(summary['clean']['accept_rate'])} | {row['eps']} | "
+                f"{_pct(row['robust_accuracy_with_rejection'])} | "
+                f"{_pct(row['attack_success'])} | {row['seconds_per_image']:.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -191,25 +199,20 @@ def sanity_markdown(adaptive: dict[str, Any]) -> str:
         "unbounded ε | rises with ε | passed | converged |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for kind, summary in _by_defense(adaptive):
-        for attack, res in summary["attacks"].items():
-            s = res["sanity"]
-
-            def val(key: str, s: dict[str, Any] = s) -> str:
-                return _pct(s[key]) if key in s else "–"
-
-            unbounded = (
-                f"{val('success_unbounded')} at {s['unbounded_eps']:g}"
-                if "unbounded_eps" in s
-                else "–"
-            )
-            lines.append(
-                f"| {kind} | {attack} | {' / '.join(_pct(v) for v in s['success_by_eps'])} | "
-                f"{val('success_double_budget')} | {val('success_double_restarts')} | "
-                f"{val('undefended_success')} | {unbounded} | "
-                f"{_flag(s.get('success_non_decreasing_in_eps'))} | {_flag(s.get('passed'))} | "
-                f"{_flag(s.get('converged'))} |"
-            )
+    for kind, _, attack, res in _attack_results(adaptive):
+        s = res["sanity"]
+        unbounded = (
+            f"{_pct(s['success_unbounded'])} at {s['unbounded_eps']:g}"
+            if "unbounded_eps" in s
+            else "–"
+        )
+        lines.append(
+            f"| {kind} | {attack} | {' / '.join(_pct(v) for v in s['success_by_eps'])} | "
+            f"{_pct(s.get('success_double_budget'))} | {_pct(s.get('success_double_restarts'))} | "
+            f"{_pct(s.get('undefended_success'))} | {unbounded} | "
+            f"{_flag(s.get('success_non_decreasing_in_eps'))} | {_flag(s.get('passed'))} | "
+            f"{_flag(s.get('converged'))} |"
+        )
     return "\n".join(lines)
 
 
@@ -238,8 +241,8 @@ def _adaptive_section(results: dict[str, Any]) -> list[str]:
         "success rises with ε, twice the restarts is not lower (their first restart repeats the "
         "run), twice the steps is not lower by more than two binomial standard errors (another "
         "trajectory: the step-size schedule stretches), the bare classifier and the unbounded ε "
-        "reach ≥ 99 %. *Converged*: twice the steps gains at most two standard errors; when not, "
-        "the robust accuracy above is an upper bound.",
+        "reach ≥ 99 %. *Converged*: neither doubling gains more than two standard errors; when "
+        "not, the robust accuracy at the largest ε is an upper bound.",
         "",
         sanity_markdown(adaptive),
     ]
