@@ -17,12 +17,12 @@ from collections.abc import Callable
 
 import torch
 
-from fmdefense.baselines.defense_gan import DefenseGAN, DefenseGANConfig
-from fmdefense.baselines.magnet import MagNet, MagNetConfig
-from fmdefense.baselines.recon_check import ReconCheckConfig, ReconstructionCheck
-from fmdefense.defense.detector import FMDefense, FMDefenseConfig
-from fmdefense.device import resolve_device
-from fmdefense.errors import ArtifactError
+from fmdefense.core.device import resolve_device
+from fmdefense.core.errors import ArtifactError
+from fmdefense.defenses.defense_gan import DefenseGAN, DefenseGANConfig
+from fmdefense.defenses.fm.detector import FMDefense, FMDefenseConfig
+from fmdefense.defenses.magnet import MagNet, MagNetConfig
+from fmdefense.defenses.recon_check import ReconCheckConfig, ReconstructionCheck
 from fmdefense.evaluation.pipeline import defensegan_dir
 from morph_throughput import load
 

@@ -15,12 +15,12 @@ import time
 import torch
 from torch import nn
 
-from fmdefense.defense.detector import FMDefense, FMDefenseConfig
-from fmdefense.defense.jobs import vae_dir
-from fmdefense.device import resolve_device
+from fmdefense.core.device import resolve_device
+from fmdefense.core.paths import classifier_dir
+from fmdefense.defenses.fm.detector import FMDefense, FMDefenseConfig
+from fmdefense.defenses.jobs import vae_dir
 from fmdefense.models.classifiers import Classifier, build_classifier
 from fmdefense.models.combo_vae import DATASET_VAES, ComboVAE
-from fmdefense.training.jobs import classifier_dir
 
 
 def count_macs(module: nn.Module, *inputs: torch.Tensor) -> int:

@@ -25,9 +25,11 @@ from fmdefense.attacks.adaptive import (
     step_size,
     targeted_margin,
 )
-from fmdefense.defense.detector import ACCEPT, REJECT_LABEL, FMDefense, FMDefenseConfig
-from fmdefense.defense.morphs import morph_codes
-from fmdefense.errors import InputError, NotFittedError
+from fmdefense.core.errors import InputError, NotFittedError
+from fmdefense.defenses.base import ACCEPT, REJECT_LABEL
+from fmdefense.defenses.fm.config import FMDefenseConfig
+from fmdefense.defenses.fm.detector import FMDefense
+from fmdefense.defenses.fm.morphs import morph_codes
 from tests.toys import ToyClassifier, ToyVAE, images
 
 PATTERN = torch.tensor([1.0, -1.0] * 8).view(1, 1, 4, 4) * 0.03  # zero-mean texture

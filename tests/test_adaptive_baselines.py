@@ -36,11 +36,11 @@ from fmdefense.attacks.defended import (
     outcome_rates,
     rates_from_labels,
 )
-from fmdefense.baselines.defense_gan import DefenseGAN, DefenseGANConfig
-from fmdefense.baselines.magnet import MagNet, MagNetConfig, train_magnet
 from fmdefense.cli import main
-from fmdefense.defense.detector import REJECT_LABEL
-from fmdefense.errors import InputError, NotFittedError
+from fmdefense.core.errors import InputError, NotFittedError
+from fmdefense.defenses.base import REJECT_LABEL
+from fmdefense.defenses.defense_gan import DefenseGAN, DefenseGANConfig
+from fmdefense.defenses.magnet import MagNet, MagNetConfig, train_magnet
 
 COL = (torch.arange(8.0) - 3.5) / 3.5
 SLOPES = [-0.6, -0.5, -0.4, -0.35, -0.3, 0.3, 0.35, 0.4, 0.5, 0.6]

@@ -24,10 +24,10 @@ from fmdefense.attacks.library import (
     run_attack,
 )
 from fmdefense.attacks.runner import TENSORS_FILE, attack_set, load_adversarial_set
+from fmdefense.core.artifacts import WEIGHTS_FILE
+from fmdefense.core.errors import ArtifactError, InputError
 from fmdefense.data import DEFAULT_SPLITS, SplitConfig
-from fmdefense.errors import ArtifactError, InputError
 from fmdefense.models.classifiers import build_classifier
-from fmdefense.training.checkpoint import WEIGHTS_FILE
 
 
 def toy_model() -> nn.Module:

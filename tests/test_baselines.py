@@ -7,32 +7,37 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmdefense.baselines.recon_check import ReconCheckConfig, ReconstructionCheck
-from fmdefense.errors import NotFittedError
+from fmdefense.core.errors import NotFittedError
+from fmdefense.defenses.base import ACCEPT, PURIFY
+from fmdefense.defenses.recon_check import ReconCheckConfig, ReconstructionCheck
 from tests.toys import ToyClassifier, ToyVAE, images
 
 
 def test_reconstruction_check_flags_label_flips_and_round_trips(tmp_path: Path) -> None:
     clf, vae = ToyClassifier(), ToyVAE()
-    check = ReconstructionCheck(clf, vae, ReconCheckConfig(rho=0.9, z_u_mode="class_mean"))
+    with torch.no_grad():
+        vae.bias.fill_(0.1)  # the reconstruction is 0.1 brighter: 0.45 comes back as 0.55
+    check = ReconstructionCheck(clf, vae, ReconCheckConfig(rho=0.9, z_u_mode="feature"))
     with pytest.raises(NotFittedError):
         check.detect(images([0.5]))
-    x_val = images([0.05 * i for i in range(1, 20) if i != 10])
+    x_val = images([0.05 * i for i in range(1, 20) if not 7 <= i <= 10])  # none flips
     check.fit(x_val)
     assert check.val_fpr_ <= 0.1
-    # the toy's class-mean reconstruction moves 0.45 to 0.2 and 0.55 to 0.8: no label flip,
-    # so a clean-looking input is accepted with its own label
-    x = images([0.45, 0.9])
-    assert check.predict(x).tolist() == [0, 1]
+    x = images([0.45, 0.9, 0.2])  # 0.45: C(x) = 0 but C(x̂) = 1, a label flip
+    dec = check.decide(x)
+    assert dec.action.tolist() == [PURIFY, ACCEPT, ACCEPT]
+    assert dec.label.tolist() == [1, 1, 0]  # the flagged input gets its reconstruction's label
+    assert dec.input_label.tolist() == [0, 1, 0]
+    assert float(dec.scores["recon_check"][0]) > 0.5 > float(dec.scores["recon_check"][1])
     check.save(tmp_path / "r")
     back = ReconstructionCheck.load(tmp_path / "r", clf, vae)
     assert back.tau_ == check.tau_
     assert torch.equal(back.predict(x), check.predict(x))
-    assert torch.equal(back.score(x), check.score(x))
+    assert torch.equal(back.score(x)["recon_check"], check.score(x)["recon_check"])
 
 
 def test_magnet_trains_fits_its_drop_rate_detects_noise_and_round_trips(tmp_path: Path) -> None:
-    from fmdefense.baselines.magnet import MagNet, MagNetConfig, train_magnet
+    from fmdefense.defenses.magnet import MagNet, MagNetConfig, train_magnet
 
     torch.manual_seed(0)
     x = (torch.rand(64, 1, 8, 8) < 0.2).float() * 0.9  # sparse clean "digits"

@@ -11,8 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fmdefense.errors import ArtifactError
-from fmdefense.training.checkpoint import RESUME_FILE, load_resume_state, save_resume_state
+from fmdefense.core.artifacts import RESUME_FILE, load_resume_state, save_resume_state
+from fmdefense.core.errors import ArtifactError
 
 
 def _trained_parts() -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from fmdefense.core.artifacts import RESUME_FILE
+from fmdefense.core.errors import ArtifactError, InputError
+from fmdefense.core.paths import classifier_dir
 from fmdefense.data import load_raw, split_tensors
-from fmdefense.errors import ArtifactError, InputError
 from fmdefense.models.classifiers import DATASET_CLASSIFIERS, Classifier, build_classifier
-from fmdefense.training.checkpoint import RESUME_FILE
-from fmdefense.training.jobs import classifier_dir
 from fmdefense.training.loops import TrainConfig, accuracy, train_classifier
 
 

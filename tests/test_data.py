@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fmdefense.core.errors import DataError
 from fmdefense.data import SplitConfig, load_raw, make_splits, split_tensors
 from fmdefense.data.idx import parse_idx, read_idx, write_idx
 from fmdefense.data.sources import (
@@ -19,7 +20,6 @@ from fmdefense.data.sources import (
     decode_mnist,
     decode_orl,
 )
-from fmdefense.errors import DataError
 
 
 @pytest.mark.parametrize("suffix", ["", ".gz"])

@@ -7,17 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmdefense.defense.detector import (
-    ACCEPT,
-    PURIFY,
-    REJECT,
-    REJECT_LABEL,
-    FMDefense,
-    FMDefenseConfig,
-)
-from fmdefense.defense.morphs import MorphConfig, draw_table, morph_codes, natural_deltas
-from fmdefense.defense.ranges import normal_ranges
-from fmdefense.defense.thresholds import (
+from fmdefense.core.artifacts import load_tensors, save_tensors
+from fmdefense.core.errors import ArtifactError, InputError, NotFittedError
+from fmdefense.defenses.base import ACCEPT, PURIFY, REJECT, REJECT_LABEL
+from fmdefense.defenses.fm.config import FMDefenseConfig
+from fmdefense.defenses.fm.detector import FMDefense
+from fmdefense.defenses.fm.morphs import MorphConfig, draw_table, morph_codes, natural_deltas
+from fmdefense.defenses.fm.ranges import normal_ranges
+from fmdefense.defenses.fm.thresholds import (
     NEVER,
     distance,
     distance_threshold,
@@ -27,8 +24,6 @@ from fmdefense.defense.thresholds import (
     thresholds,
     unified_threshold,
 )
-from fmdefense.errors import ArtifactError, InputError, NotFittedError
-from fmdefense.training.checkpoint import load_tensors, save_tensors
 from tests.toys import ToyClassifier, ToyVAE, images
 
 CFG = MorphConfig(n_morphs=50, draws_per_iter=7, step_frac=0.05, max_iters=400, seed=3)
@@ -172,7 +167,8 @@ def test_save_load_reproduces_decisions_exactly(tmp_path: Path) -> None:
     back = FMDefense.load(tmp_path / "d", clf, vae)
     x = images([0.48, 0.52, 0.7, 0.1])
     a, b = defense.decide(x), back.decide(x)
-    assert torch.equal(a.resistance, b.resistance) and torch.equal(a.label, b.label)
+    assert torch.equal(a.details["resistance"], b.details["resistance"])
+    assert torch.equal(a.label, b.label)
     assert torch.equal(a.action, b.action) and back.z_u_mode_ == defense.z_u_mode_
     other = ToyClassifier()
     with torch.no_grad():
@@ -215,13 +211,13 @@ def test_resistance_resumes_from_finished_chunks(tmp_path: Path) -> None:
     assert len(chunks) == 3
     chunks[1].unlink()  # as if killed while computing the second chunk
     calls = {"n": 0}
-    original = defense._chunk_resistance
+    original = defense.engine.chunk_resistance
 
     def counting(*args: object) -> torch.Tensor:
         calls["n"] += 1
         return original(*args)  # type: ignore[arg-type]
 
-    defense._chunk_resistance = counting  # type: ignore[method-assign]
+    defense.engine.chunk_resistance = counting  # type: ignore[method-assign]
     again = defense.resistance(x, cache_dir=tmp_path / "r")
     assert calls["n"] == 1 and torch.equal(full, again)
     with pytest.raises(ArtifactError, match="another run"):
@@ -263,19 +259,20 @@ def test_chunks_from_before_fp32_labels_are_relabelled_row_by_row(tmp_path: Path
     chunk = tmp_path / "r" / "chunk-0000002.safetensors"
     stale = {"r": torch.zeros(2, len(defense.code_idx_))}  # an old chunk: no "label" tensor
     save_tensors(chunk, stale)
-    real_morph_labels = defense._morph_labels
+    engine = defense.engine
+    real_morph_labels = engine.morph_labels
     # pretend the old (bf16) labelling disagreed with float32 on the chunk's second input only
-    defense._morph_labels = lambda imgs: (  # type: ignore[method-assign]
-        real_morph_labels(imgs) if len(imgs) != 2 else defense._labels(imgs) + torch.tensor([0, 1])
+    engine.morph_labels = lambda imgs: (  # type: ignore[method-assign]
+        real_morph_labels(imgs) if len(imgs) != 2 else engine.labels(imgs) + torch.tensor([0, 1])
     )
     rows: list[int] = []
-    original = defense._chunk_resistance
+    original = defense.engine.chunk_resistance
 
     def counting(xs: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
         rows.append(len(xs))
         return original(xs, *args)
 
-    defense._chunk_resistance = counting  # type: ignore[method-assign]
+    defense.engine.chunk_resistance = counting  # type: ignore[method-assign]
     again = defense.resistance(x, cache_dir=tmp_path / "r")
     assert rows == [1]  # only the input whose label changed is redone
     assert torch.equal(again[3], full[3]) and torch.equal(again[2], torch.zeros_like(full[2]))

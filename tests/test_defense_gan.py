@@ -10,7 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from fmdefense.baselines.defense_gan import (
+from fmdefense.core.artifacts import RESUME_FILE, load_resume_state
+from fmdefense.core.errors import InputError, NotFittedError
+from fmdefense.defenses.defense_gan import (
     Critic,
     DefenseGAN,
     DefenseGANConfig,
@@ -18,8 +20,6 @@ from fmdefense.baselines.defense_gan import (
     gradient_penalty,
     train_defense_gan,
 )
-from fmdefense.errors import InputError, NotFittedError
-from fmdefense.training.checkpoint import RESUME_FILE, load_resume_state
 
 CPU = torch.device("cpu")
 TINY = DefenseGANConfig(

@@ -6,13 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from fmdefense.evaluation.metrics import (
-    accuracy,
-    defended_accuracy_on_adv,
-    roc_auc,
-    roc_curve,
-    tpr_at_fpr,
-)
+from fmdefense.defenses.rule import accuracy, defended_accuracy
+from fmdefense.evaluation.metrics import roc_auc, roc_curve, tpr_at_fpr
 
 
 def test_auc_of_separated_reversed_and_tied_scores() -> None:
@@ -42,4 +37,4 @@ def test_table_ii_conventions() -> None:
     truth = torch.tensor([1, 2, 3, 4])
     labels = torch.tensor([1, -1, 0, 4])
     assert accuracy(labels, truth) == 0.5
-    assert defended_accuracy_on_adv(labels, truth) == 0.75
+    assert defended_accuracy(labels, truth) == 0.75

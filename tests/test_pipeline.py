@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fmdefense.evaluation.pipeline as pipeline
-from fmdefense.defense.detector import FMDefense
+from fmdefense.defenses.fm.detector import FMDefense
 from fmdefense.evaluation.report import (
     adaptive_markdown,
     sanity_markdown,
@@ -76,7 +76,7 @@ def test_report_table_equals_results_and_a_rerun_reuses_stages(
 def test_calibration_after_retraining_the_vae_gets_fresh_val_chunks(tmp_path: Path) -> None:
     """The VAL chunk folder is keyed by the models: a retrained combo-VAE does not collide with
     the chunks of the old one (it used to stop with 'holds chunks of another run')."""
-    from fmdefense.defense.detector import FMDefenseConfig
+    from fmdefense.defenses.fm.config import FMDefenseConfig
     from tests.toys import ToyClassifier, ToyVAE, images
 
     x_val = images([0.05 * i for i in range(1, 20) if i != 10])

@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fmdefense.device import resolve_device
-from fmdefense.errors import FMDefenseError, InputError
+from fmdefense.core.device import resolve_device
+from fmdefense.core.errors import FMDefenseError, InputError
 
 if TYPE_CHECKING:
-    from fmdefense.defense.detector import FMDefenseConfig
+    from fmdefense.defenses.fm.config import FMDefenseConfig
 
 log = logging.getLogger("fmdefense")
 DATASETS = ("mnist", "fmnist", "orl", "celeba")
@@ -37,10 +37,10 @@ def _data_fetch(args: argparse.Namespace) -> None:
 
 
 def _data_info(args: argparse.Namespace) -> None:
+    from fmdefense.core.artifacts import read_json
+    from fmdefense.core.paths import data_home
     from fmdefense.data import load_raw
     from fmdefense.data.sources import cache_key, cache_paths
-    from fmdefense.paths import data_home
-    from fmdefense.training.checkpoint import read_json
 
     ds = load_raw(args.dataset, data_dir=args.data_dir)
     _, record = cache_paths(cache_key(args.dataset, args.data_dir), data_home())
@@ -137,7 +137,7 @@ def _profile_overrides(args: argparse.Namespace) -> dict[str, int]:
 
 
 def _defense_config(args: argparse.Namespace) -> FMDefenseConfig:
-    from fmdefense.defense.detector import FMDefenseConfig
+    from fmdefense.defenses.fm.config import FMDefenseConfig
 
     codes: str | tuple[int, ...] = args.codes
     if args.codes not in ("all", "auto"):
@@ -153,7 +153,7 @@ def _defense_config(args: argparse.Namespace) -> FMDefenseConfig:
 
 
 def _calibrate(args: argparse.Namespace) -> None:
-    from fmdefense.defense.jobs import run_calibrate
+    from fmdefense.defenses.jobs import run_calibrate
 
     out = args.out or Path("runs") / args.dataset / "defense"
     d = run_calibrate(
@@ -173,7 +173,7 @@ def _calibrate(args: argparse.Namespace) -> None:
 def _defend(args: argparse.Namespace) -> None:
     from fmdefense.attacks.runner import load_adversarial_set
     from fmdefense.data import load_raw, split_tensors
-    from fmdefense.defense.jobs import load_defense, run_defend
+    from fmdefense.defenses.jobs import load_defense, run_defend
 
     device = resolve_device(args.device)
     defense = load_defense(
@@ -198,7 +198,7 @@ def _defend(args: argparse.Namespace) -> None:
 
 
 def _train_magnet(args: argparse.Namespace) -> None:
-    from fmdefense.baselines.magnet import run_train_magnet
+    from fmdefense.defenses.magnet import run_train_magnet
 
     out = args.out or Path("runs") / args.dataset / "magnet"
     m = run_train_magnet(args.dataset, out, resolve_device(args.device))
@@ -208,7 +208,7 @@ def _train_magnet(args: argparse.Namespace) -> None:
 
 
 def _train_defensegan(args: argparse.Namespace) -> None:
-    from fmdefense.baselines.defense_gan import run_train_defense_gan
+    from fmdefense.defenses.defense_gan import run_train_defense_gan
 
     out = args.out or Path("runs") / args.dataset / "defense_gan"
     m = run_train_defense_gan(
@@ -218,8 +218,9 @@ def _train_defensegan(args: argparse.Namespace) -> None:
 
 
 def _evaluate_vae(args: argparse.Namespace) -> None:
+    from fmdefense.core.paths import vae_dir
     from fmdefense.data import load_raw, split_tensors
-    from fmdefense.defense.jobs import load_models, vae_dir
+    from fmdefense.defenses.jobs import load_models
     from fmdefense.training.vae import disentanglement, traversal_label_stability
 
     folder = vae_dir(args.dataset, args.weights)

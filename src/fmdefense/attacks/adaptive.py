@@ -63,14 +63,16 @@ from fmdefense.attacks.defended import (
     defended_success,
     outcome_rates,
 )
-from fmdefense.baselines.defense_gan import DefenseGAN
-from fmdefense.baselines.magnet import MagNet
-from fmdefense.defense.detector import REJECT_LABEL, FMDefense, MorphableVAE
-from fmdefense.defense.morphs import MorphConfig, draw_table, natural_deltas
-from fmdefense.defense.ranges import code_values
-from fmdefense.defense.thresholds import NEVER
-from fmdefense.errors import InputError, NotFittedError
-from fmdefense.validation import check_images, check_labels
+from fmdefense.core.errors import InputError, NotFittedError
+from fmdefense.core.validation import check_images, check_labels
+from fmdefense.defenses.base import REJECT_LABEL
+from fmdefense.defenses.defense_gan import DefenseGAN
+from fmdefense.defenses.fm.config import MorphableVAE
+from fmdefense.defenses.fm.detector import FMDefense
+from fmdefense.defenses.fm.morphs import MorphConfig, draw_table, natural_deltas
+from fmdefense.defenses.fm.ranges import code_values
+from fmdefense.defenses.fm.thresholds import NEVER
+from fmdefense.defenses.magnet import MagNet
 
 log = logging.getLogger(__name__)
 
@@ -586,7 +588,7 @@ class SquareSearch(AdaptiveAttack):
         dec = d.decide(x_adv)
         fooled = (dec.label != y) & (dec.label != REJECT_LABEL)
         need = d.theta_.view(1, -1) + 1.0 / d.config.n_morphs  # r_i must exceed θ_i
-        deficit = cfg.w_detect * (need - dec.resistance).clamp(min=0).sum(1)  # (n,)
+        deficit = cfg.w_detect * (need - dec.details["resistance"]).clamp(min=0).sum(1)  # (n,)
         ceiling = cfg.w_detect * need.clamp(min=0).sum()  # largest possible deficit
         m = margin(_logits(self.classifier, x_adv), y, cfg.kappa)
         score = torch.where(m < 0, deficit + m, ceiling + m)  # any wrong x′ beats any right one

@@ -40,8 +40,8 @@ from fmdefense.attacks.adaptive import (
     undefended_success,
 )
 from fmdefense.attacks.defended import DEFENSE_KINDS, outcome_rates
-from fmdefense.errors import ArtifactError, InputError
-from fmdefense.training.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_json, write_json
+from fmdefense.core.artifacts import CONFIG_FILE, WEIGHTS_FILE, read_json, write_json
+from fmdefense.core.errors import ArtifactError, InputError
 
 log = logging.getLogger(__name__)
 DATASETS = ("mnist", "fmnist")
@@ -77,11 +77,11 @@ def load_target(
     vae: Path | None = None,
 ) -> tuple[AnyDefense, nn.Module]:
     """The fitted defense in `folder` and the classifier it protects, on `device`."""
-    from fmdefense.baselines.defense_gan import DefenseGAN
-    from fmdefense.baselines.magnet import MagNet
-    from fmdefense.defense.jobs import load_defense
+    from fmdefense.core.paths import classifier_dir
+    from fmdefense.defenses.defense_gan import DefenseGAN
+    from fmdefense.defenses.jobs import load_defense
+    from fmdefense.defenses.magnet import MagNet
     from fmdefense.models.classifiers import Classifier
-    from fmdefense.training.jobs import classifier_dir
 
     if kind == "fm":
         fm = load_defense(folder, dataset, device, classifier, vae)
@@ -147,7 +147,7 @@ def run_sweep(
     largest ε, undefended PGD on the bare classifier at the largest ε; with `unbounded_eps`, one
     more run there. See `sanity_checks` for how each is judged.
     """
-    from fmdefense.defense.detector import fingerprint, fingerprint_tensor
+    from fmdefense.core.fingerprints import fingerprint, fingerprint_tensor
 
     if not eps_list:
         raise InputError("give at least one ε (--eps)")
@@ -232,7 +232,7 @@ def run_sweep(
 
 def run_command(args: argparse.Namespace) -> None:
     """Load the defense, its classifier and the CLE images; sweep; print one line."""
-    from fmdefense.device import resolve_device
+    from fmdefense.core.device import resolve_device
 
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be a positive number of images, got {args.limit}")

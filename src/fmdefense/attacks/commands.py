@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from fmdefense.attacks.library import ATTACKS, SETTING_NAMES, resolve_setting
-from fmdefense.errors import InputError
+from fmdefense.core.errors import InputError
 
 DATASETS = ("mnist", "fmnist", "orl")
 
@@ -20,10 +20,10 @@ def default_out(dataset: str, attack: str, setting: str) -> Path:
 def run_command(args: argparse.Namespace) -> None:
     """Load the classifier and the CLE split, attack them, print the headline metrics."""
     from fmdefense.attacks.runner import attack_set
+    from fmdefense.core.device import resolve_device
+    from fmdefense.core.paths import classifier_dir
     from fmdefense.data import load_raw, split_tensors
-    from fmdefense.device import resolve_device
     from fmdefense.models.classifiers import Classifier
-    from fmdefense.training.jobs import classifier_dir
 
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be a positive number of images, got {args.limit}")

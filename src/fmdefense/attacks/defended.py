@@ -22,10 +22,11 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from fmdefense.baselines.defense_gan import DefenseGAN
-from fmdefense.baselines.magnet import MagNet
-from fmdefense.defense.detector import ACCEPT, PURIFY, REJECT_LABEL, FMDefense
-from fmdefense.errors import InputError
+from fmdefense.core.errors import InputError
+from fmdefense.defenses.base import ACCEPT, PURIFY, REJECT_LABEL
+from fmdefense.defenses.defense_gan import DefenseGAN
+from fmdefense.defenses.fm.detector import FMDefense
+from fmdefense.defenses.magnet import MagNet
 
 DEFENSE_KINDS = ("fm", "magnet", "defensegan")
 

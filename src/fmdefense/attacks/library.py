@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from fmdefense.errors import InputError
-from fmdefense.validation import check_images, check_labels
+from fmdefense.core.errors import InputError
+from fmdefense.core.validation import check_images, check_labels
 
 if TYPE_CHECKING:  # foolbox is imported when an attack is built: the CLI starts without it
     import foolbox as fb
@@ -65,7 +65,24 @@ CW_SETTINGS: dict[str, CWConfig] = {
     # 5 × 100 with a 10× larger step: at stepsize 0.01, 100 steps barely move pixels at 0 or 1 and
     # 26 of 50 MNIST outputs stayed Foolbox's black placeholder; at 0.1 none did, all 50 succeeded.
     "fast": CWConfig(binary_search_steps=5, steps=100, stepsize=0.1),
+    # High confidence (issue 15): the fast search asking for a logit margin κ = 20, so the
+    # example lands far past the decision boundary instead of on it.
+    "kappa20": CWConfig(binary_search_steps=5, steps=100, stepsize=0.1, confidence=20.0),
 }
+
+
+@dataclass(frozen=True)
+class PGDConfig:
+    """PGD L∞ (Madry et al.): `steps` signed-gradient steps of `rel_stepsize`·ε from a uniform
+    random start, cross-entropy loss; `seed` fixes the random start (bit-exact regeneration)."""
+
+    epsilon: float = 0.3
+    steps: int = 40
+    rel_stepsize: float = 0.01 / 0.3  # Madry's MNIST step 0.01 at ε = 0.3 (Foolbox's default)
+    seed: int = 0
+
+
+PGD_SETTINGS: dict[str, PGDConfig] = {"eps0.3": PGDConfig(), "eps0.1": PGDConfig(epsilon=0.1)}
 
 
 def _fgsm(cfg: FGSMConfig) -> Built:
@@ -89,6 +106,13 @@ def _cw(cfg: CWConfig) -> Built:
     return fb.attacks.L2CarliniWagnerAttack(**asdict(cfg)), None
 
 
+def _pgd(cfg: PGDConfig) -> Built:
+    import foolbox as fb
+
+    attack = fb.attacks.LinfPGD(rel_stepsize=cfg.rel_stepsize, steps=cfg.steps, random_start=True)
+    return attack, cfg.epsilon
+
+
 @dataclass(frozen=True)
 class AttackSpec:
     """A registry entry: the factory of the Foolbox attack, its norm and its named settings."""
@@ -103,6 +127,7 @@ ATTACKS: dict[str, AttackSpec] = {
     "fgsm": AttackSpec(_fgsm, "linf", {"default": FGSMConfig()}),
     "deepfool_linf": AttackSpec(_deepfool, "linf", {"default": DeepFoolConfig()}),
     "cw_l2": AttackSpec(_cw, "l2", dict(CW_SETTINGS), default_setting="fast"),
+    "pgd_linf": AttackSpec(_pgd, "linf", dict(PGD_SETTINGS), default_setting="eps0.3"),
 }
 SETTING_NAMES = tuple(dict.fromkeys(s for spec in ATTACKS.values() for s in spec.settings))
 
@@ -152,10 +177,16 @@ def run_attack(
 
     y = check_attack_inputs(model, x, y)
     spec = attack_spec(name)
-    attack, epsilon = spec.build(config if config is not None else attack_config(name))
+    config = config if config is not None else attack_config(name)
+    attack, epsilon = spec.build(config)
     device = _device(model)
     fmodel = fb.PyTorchModel(model.eval(), bounds=(0, 1), device=device)
-    _, clipped, _ = attack(fmodel, x.to(device), y.to(device), epsilons=epsilon)
+    seed = getattr(config, "seed", None)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+        if seed is not None:  # Foolbox draws random starts from torch's global generator
+            torch.manual_seed(seed)
+        _, clipped, _ = attack(fmodel, x.to(device), y.to(device), epsilons=epsilon)
     return clipped.detach().cpu().clamp(0, 1)  # clamp keeps NaN, so degenerate() still sees it
 
 

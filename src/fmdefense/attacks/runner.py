@@ -29,9 +29,7 @@ from fmdefense.attacks.library import (
     resolve_setting,
     run_attack,
 )
-from fmdefense.chunks import chunked
-from fmdefense.errors import ArtifactError, InputError
-from fmdefense.training.checkpoint import (
+from fmdefense.core.artifacts import (
     CONFIG_FILE,
     FORMAT_VERSION,
     METRICS_FILE,
@@ -42,7 +40,9 @@ from fmdefense.training.checkpoint import (
     save_tensors,
     write_json,
 )
-from fmdefense.training.jobs import provenance
+from fmdefense.core.chunks import chunked
+from fmdefense.core.errors import ArtifactError, InputError
+from fmdefense.core.provenance import provenance
 
 log = logging.getLogger(__name__)
 KIND = "adversarial_set"

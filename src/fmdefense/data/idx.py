@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fmdefense.errors import DataError
+from fmdefense.core.errors import DataError
 
 _DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype(np.uint8),

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fmdefense.core.artifacts import atomic_write_bytes, read_json, write_json
+from fmdefense.core.errors import DataError
+from fmdefense.core.paths import data_home
 from fmdefense.data.idx import read_idx
-from fmdefense.errors import DataError
-from fmdefense.paths import data_home
-from fmdefense.training.checkpoint import atomic_write_bytes, read_json, write_json
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fmdefense.core.errors import DataError
 from fmdefense.data.sources import RawDataset
-from fmdefense.errors import DataError
 
 SPLIT_NAMES = ("classifier_train", "vae_train", "val", "cle", "test")
 

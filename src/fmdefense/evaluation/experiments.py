@@ -18,15 +18,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from fmdefense.defense.detector import REJECT_LABEL
-from fmdefense.defense.thresholds import distance, distance_threshold, flags, thresholds
-from fmdefense.evaluation.metrics import (
-    accuracy,
-    defended_accuracy_on_adv,
-    roc_auc,
-    roc_curve,
-    tpr_at_fpr,
-)
+from fmdefense.defenses.base import REJECT_LABEL
+from fmdefense.defenses.fm.thresholds import distance, distance_threshold, flags, thresholds
+from fmdefense.defenses.rule import accuracy, defended_accuracy
+from fmdefense.evaluation.metrics import roc_auc, roc_curve, tpr_at_fpr
 
 FPR_TARGETS = (0.001, 0.01, 0.05)
 SELECTION_RHO = 0.95  # code-selection bars: at 0.999 no selection flags anything (see README)
@@ -197,7 +192,7 @@ def figure5(
             lab_a, _ = final_labels(adv, theta, theta_d)
             n_c, n_a = len(cle.truth), len(adv.truth)
             row["final_accuracy"] = (
-                accuracy(lab_c, cle.truth) * n_c + defended_accuracy_on_adv(lab_a, adv.truth) * n_a
+                accuracy(lab_c, cle.truth) * n_c + defended_accuracy(lab_a, adv.truth) * n_a
             ) / (n_c + n_a)
             rows.append(row)
         data[f"theta_{t}"] = rows
@@ -230,7 +225,7 @@ def table2(
         lab, _ = final_labels(o, theta, theta_d)
         rows[name] = {
             "no_defense": accuracy(o.input_label, o.truth),
-            "fm_defense": defended_accuracy_on_adv(lab, o.truth),
+            "fm_defense": defended_accuracy(lab, o.truth),
             "fm_defense_plain": accuracy(lab, o.truth),
             "n": len(o.truth),
         }

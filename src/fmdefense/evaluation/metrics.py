@@ -1,4 +1,4 @@
-"""Detection and defense metrics: ROC/AUC, TPR at fixed FPR, Table II accuracies.
+"""Detection metrics: ROC/AUC and TPR at fixed FPR (accuracies: fmdefense.defenses.rule).
 
 Scores follow one convention: higher = more suspicious. AUC comes from SciPy's Mann–Whitney U
 (ties count one half); the ROC curve itself is a few lines of NumPy.
@@ -9,8 +9,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from scipy.stats import mannwhitneyu
-
-from fmdefense.defense.detector import REJECT_LABEL
 
 
 def _np(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -46,14 +44,3 @@ def tpr_at_fpr(
     fpr, tpr = roc_curve(clean, adv)
     ok = fpr <= max_fpr + 1e-12
     return float(tpr[ok].max())
-
-
-def accuracy(labels: torch.Tensor, truth: torch.Tensor) -> float:
-    """Share of labels equal to the truth (a rejection, −1, is never equal)."""
-    return float((labels == truth).float().mean()) if len(truth) else float("nan")
-
-
-def defended_accuracy_on_adv(labels: torch.Tensor, truth: torch.Tensor) -> float:
-    """Table II convention: an adversarial input counts as defended when it is rejected or ends
-    with its true label (accepted or purified)."""
-    return float(((labels == truth) | (labels == REJECT_LABEL)).float().mean())

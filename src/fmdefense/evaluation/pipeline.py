@@ -16,33 +16,29 @@ from typing import Any
 import torch
 
 from fmdefense.attacks.runner import AdversarialSet, attack_set, load_adversarial_set
-from fmdefense.baselines.defense_gan import DefenseGAN
-from fmdefense.baselines.magnet import MagNet, run_train_magnet
-from fmdefense.baselines.recon_check import ReconCheckConfig, ReconstructionCheck
-from fmdefense.chunks import config_hash
-from fmdefense.data import load_raw, split_tensors
-from fmdefense.defense.detector import (
-    INPUT_LABELS,
-    FMDefense,
-    FMDefenseConfig,
-    fingerprint,
-    fingerprint_tensor,
-)
-from fmdefense.defense.jobs import load_models
-from fmdefense.defense.purifier import Z_U_MODES
-from fmdefense.defense.thresholds import distance_threshold, thresholds
-from fmdefense.errors import ArtifactError, InputError
-from fmdefense.evaluation import experiments as ex
-from fmdefense.evaluation.metrics import accuracy, defended_accuracy_on_adv
-from fmdefense.evaluation.report import render
-from fmdefense.paths import weights_home
-from fmdefense.training.checkpoint import (
+from fmdefense.core.artifacts import (
     atomic_write_bytes,
     load_tensors,
     save_tensors,
     write_json,
 )
-from fmdefense.training.jobs import provenance
+from fmdefense.core.chunks import config_hash
+from fmdefense.core.errors import ArtifactError, InputError
+from fmdefense.core.fingerprints import fingerprint, fingerprint_tensor
+from fmdefense.core.paths import weights_home
+from fmdefense.core.provenance import provenance
+from fmdefense.data import load_raw, split_tensors
+from fmdefense.defenses.defense_gan import DefenseGAN
+from fmdefense.defenses.fm.config import FMDefenseConfig
+from fmdefense.defenses.fm.detector import INPUT_LABELS, FMDefense
+from fmdefense.defenses.fm.purifier import Z_U_MODES
+from fmdefense.defenses.fm.thresholds import distance_threshold, thresholds
+from fmdefense.defenses.jobs import load_models
+from fmdefense.defenses.magnet import MagNet, run_train_magnet
+from fmdefense.defenses.recon_check import ReconCheckConfig, ReconstructionCheck
+from fmdefense.defenses.rule import accuracy, defended_accuracy
+from fmdefense.evaluation import experiments as ex
+from fmdefense.evaluation.report import render
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +227,7 @@ def recon_baseline(
                 "val_fpr": check.val_fpr_,
             }
             for name, a in adv_sets.items():
-                table[name] = defended_accuracy_on_adv(check.predict(a.x_adv), a.y_true)
+                table[name] = defended_accuracy(check.predict(a.x_adv), a.y_true)
             row[f"table2_rho_{rho}"] = table
         out[z_u_mode] = row
     return out, scores
@@ -264,7 +260,7 @@ def magnet_baseline(
     }
     for name, a in adv_sets.items():
         labels = magnet.predict(clf, a.x_adv.to(device)).cpu()
-        table[name] = defended_accuracy_on_adv(labels, a.y_true)
+        table[name] = defended_accuracy(labels, a.y_true)
     result = {
         "detection": ex.score_detection(s_cle, s_adv),
         "table2": table,
@@ -313,9 +309,7 @@ def defensegan_baseline(
             save_tensors(path, out)
         scores[name] = out["score"] / float(gan.threshold)  # > 1: flagged
         table[name] = (
-            accuracy(out["labels"], y)
-            if name == "CLE"
-            else defended_accuracy_on_adv(out["labels"], y)
+            accuracy(out["labels"], y) if name == "CLE" else defended_accuracy(out["labels"], y)
         )
     table["clean"] = table.pop("CLE")
     result = {

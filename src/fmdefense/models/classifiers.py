@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fmdefense.errors import ArtifactError
-from fmdefense.training.checkpoint import load_module, save_artifact
-from fmdefense.validation import check_images
+from fmdefense.core.artifacts import load_module, save_artifact
+from fmdefense.core.errors import ArtifactError
+from fmdefense.core.validation import check_images
 
 KIND = "classifier"
 

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from fmdefense.errors import ArtifactError, InputError
+from fmdefense.core.artifacts import load_module, save_artifact
+from fmdefense.core.errors import ArtifactError, InputError
+from fmdefense.core.validation import check_images
 from fmdefense.models.losses import lgm_logits
-from fmdefense.training.checkpoint import load_module, save_artifact
-from fmdefense.validation import check_images
 
 KIND = "combo_vae"
 

@@ -4,41 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fmdefense.core.artifacts import RESUME_FILE
+from fmdefense.core.paths import classifier_dir
+from fmdefense.core.provenance import provenance
 from fmdefense.data import load_raw, split_tensors
 from fmdefense.models.classifiers import Classifier, build_classifier
-from fmdefense.paths import weights_home
-from fmdefense.training.checkpoint import RESUME_FILE
 from fmdefense.training.loops import TRAIN_CONFIGS, accuracy, train_classifier
 
 log = logging.getLogger(__name__)
-
-
-def provenance() -> dict[str, Any]:
-    """Versions and command line recorded in every artifact's metrics."""
-    import foolbox
-    import numpy
-
-    return {
-        "command": " ".join(["fmdefense", *sys.argv[1:]]),
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "foolbox": foolbox.__version__,
-        "python": platform.python_version(),
-        "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
-    }
-
-
-def classifier_dir(dataset: str, weights: Path | None = None) -> Path:
-    """Folder of a dataset's classifier artifact (shipped weights by default)."""
-    return Path(weights) if weights is not None else weights_home() / dataset / "classifier"
 
 
 def run_train_classifier(

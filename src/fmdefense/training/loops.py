@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from fmdefense.core.artifacts import RESUME_FILE, load_resume_state, save_resume_state
 from fmdefense.models.classifiers import Classifier
-from fmdefense.training.checkpoint import RESUME_FILE, load_resume_state, save_resume_state
 
 log = logging.getLogger(__name__)
 

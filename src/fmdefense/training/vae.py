@@ -26,8 +26,11 @@ import matplotlib.pyplot as plt
 import torch
 from tqdm.auto import tqdm
 
+from fmdefense.core.artifacts import GeneratorState, load_resume_state, save_resume_state
+from fmdefense.core.errors import InputError
+from fmdefense.core.paths import classifier_dir
+from fmdefense.core.provenance import provenance
 from fmdefense.data import load_raw, split_tensors
-from fmdefense.errors import InputError
 from fmdefense.models.classifiers import Classifier
 from fmdefense.models.combo_vae import DATASET_VAES, ComboVAE, TCDiscriminator
 from fmdefense.models.losses import (
@@ -38,8 +41,6 @@ from fmdefense.models.losses import (
     permute_dims,
     tc_estimate,
 )
-from fmdefense.training.checkpoint import GeneratorState, load_resume_state, save_resume_state
-from fmdefense.training.jobs import classifier_dir, provenance
 from fmdefense.training.loops import augment
 
 log = logging.getLogger(__name__)
@@ -382,7 +383,7 @@ def traversal_label_stability(
     """Share of single-code z_s traversals (each code set to `steps` values across its 1–99 %
     range on x_ref, z_u kept) whose decode C labels like the plain reconstruction: 1 when z_s
     carries no class information, the property FM-Defense asks of its class-shared codes."""
-    from fmdefense.defense.ranges import normal_ranges
+    from fmdefense.defenses.fm.ranges import normal_ranges
 
     vae.eval()
     device = next(vae.parameters()).device

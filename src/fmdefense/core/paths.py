@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 def data_home() -> Path:
@@ -21,3 +21,18 @@ def weights_home() -> Path:
 def runs_home() -> Path:
     """Root for run outputs: attacks, reports (`$FMDEFENSE_RUNS`, default `<repo>/runs`)."""
     return Path(os.environ.get("FMDEFENSE_RUNS", REPO_ROOT / "runs"))
+
+
+def classifier_dir(dataset: str, weights: Path | None = None) -> Path:
+    """Folder of a dataset's classifier artifact (shipped weights by default)."""
+    return Path(weights) if weights is not None else weights_home() / dataset / "classifier"
+
+
+def vae_dir(dataset: str, weights: Path | None = None) -> Path:
+    """Folder of a dataset's combo-VAE artifact (shipped weights by default)."""
+    return Path(weights) if weights is not None else weights_home() / dataset / "combo_vae"
+
+
+def model_dir(dataset: str, kind: str) -> Path:
+    """Folder of any shipped artifact of a dataset (weights/<dataset>/<kind>)."""
+    return weights_home() / dataset / kind

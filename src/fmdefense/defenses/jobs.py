@@ -10,21 +10,18 @@ from typing import Any
 
 import torch
 
+from fmdefense.core.artifacts import read_config, save_artifact
+from fmdefense.core.paths import classifier_dir, vae_dir
+from fmdefense.core.provenance import provenance
 from fmdefense.data import load_raw, split_tensors
-from fmdefense.defense.detector import ACTIONS, FMDefense, FMDefenseConfig
-from fmdefense.evaluation.metrics import accuracy, defended_accuracy_on_adv
+from fmdefense.defenses.base import ACTIONS
+from fmdefense.defenses.fm.config import FMDefenseConfig
+from fmdefense.defenses.fm.detector import FMDefense
+from fmdefense.defenses.rule import accuracy, defended_accuracy
 from fmdefense.models.classifiers import Classifier
-from fmdefense.paths import weights_home
-from fmdefense.training.checkpoint import read_config, save_artifact
-from fmdefense.training.jobs import classifier_dir, provenance
 
 log = logging.getLogger(__name__)
 DECISIONS_KIND = "decisions"
-
-
-def vae_dir(dataset: str, weights: Path | None = None) -> Path:
-    """Folder of a dataset's combo-VAE artifact (shipped weights by default)."""
-    return Path(weights) if weights is not None else weights_home() / dataset / "combo_vae"
 
 
 def load_models(
@@ -82,7 +79,7 @@ def summarize(labels: torch.Tensor, action: torch.Tensor, truth: torch.Tensor) -
         "inputs": n,
         **{f"{name}_share": float((action == k).sum()) / n for k, name in enumerate(ACTIONS)},
         "accuracy": accuracy(labels, truth),
-        "defended_accuracy": defended_accuracy_on_adv(labels, truth),
+        "defended_accuracy": defended_accuracy(labels, truth),
     }
 
 
@@ -105,8 +102,8 @@ def run_defend(
         **provenance(),
     }
     tensors = {
-        "resistance": dec.resistance,
-        "distance": dec.distance,
+        "resistance": dec.details["resistance"],
+        "distance": dec.details["distance"],
         "action": dec.action,
         "label": dec.label,
         "input_label": dec.input_label,

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fmdefense.errors import ArtifactError
-from fmdefense.training.checkpoint import load_tensors, read_json, save_tensors, write_json
+from fmdefense.core.artifacts import load_tensors, read_json, save_tensors, write_json
+from fmdefense.core.errors import ArtifactError
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from fmdefense.defense.morphs import morph_codes
+from fmdefense.defenses.fm.morphs import morph_codes
 
 Decoder = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (codes, z_u) -> images
 Labeller = Callable[[torch.Tensor], torch.Tensor]  # images -> labels

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fmdefense.errors import InputError
+from fmdefense.core.errors import InputError
 
 
 def check_images(
@@ -14,7 +14,8 @@ def check_images(
     size: tuple[int, int] | None = None,
     name: str = "x",
 ) -> torch.Tensor:
-    """Return `x` if it is a float image batch (N, C, H, W) in [0, 1]; raise InputError if not."""
+    """Return `x` as float32 if it is a float image batch (N, C, H, W) in [0, 1]; raise
+    InputError if not. Other float precisions (float64, float16, bfloat16) are converted."""
     if not isinstance(x, torch.Tensor):
         raise InputError(
             f"{name} must be a torch.Tensor of shape (N, C, H, W), got {type(x).__name__}"
@@ -38,8 +39,8 @@ def check_images(
         raise InputError(f"{name} contains NaN or infinite values")
     lo, hi = float(x.min()), float(x.max())
     if lo < 0.0 or hi > 1.0:
-        raise InputError(f"{name} must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
-    return x
+        raise InputError(f"{name} must lie in [0, 1], got values in [{lo:.9g}, {hi:.9g}]")
+    return x if x.dtype == torch.float32 else x.float()
 
 
 def check_labels(y: object, n: int, num_classes: int, name: str = "y") -> torch.Tensor:

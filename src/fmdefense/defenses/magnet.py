@@ -18,10 +18,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fmdefense.defense.detector import REJECT_LABEL
-from fmdefense.errors import NotFittedError
-from fmdefense.training.checkpoint import load_module, save_artifact
-from fmdefense.validation import check_images
+from fmdefense.core.artifacts import load_module, save_artifact
+from fmdefense.core.errors import NotFittedError
+from fmdefense.core.validation import check_images
+from fmdefense.defenses.base import REJECT_LABEL
 
 log = logging.getLogger(__name__)
 KIND = "magnet"
@@ -155,8 +155,8 @@ def run_train_magnet(
     limit: int | None = None,
 ) -> dict[str, Any]:
     """Train on the dataset's combo-VAE split (20,000 clean images), thresholds on VAL, save."""
+    from fmdefense.core.provenance import provenance
     from fmdefense.data import load_raw, split_tensors
-    from fmdefense.training.jobs import provenance
 
     ds = load_raw(dataset)
     x, _ = split_tensors(ds, "vae_train")

@@ -32,9 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fmdefense.defense.detector import REJECT_LABEL
-from fmdefense.errors import InputError, NotFittedError
-from fmdefense.training.checkpoint import (
+from fmdefense.core.artifacts import (
     RESUME_FILE,
     GeneratorState,
     load_module,
@@ -42,7 +40,9 @@ from fmdefense.training.checkpoint import (
     save_artifact,
     save_resume_state,
 )
-from fmdefense.validation import check_images
+from fmdefense.core.errors import InputError, NotFittedError
+from fmdefense.core.validation import check_images
+from fmdefense.defenses.base import REJECT_LABEL
 
 log = logging.getLogger(__name__)
 KIND = "defense_gan"
@@ -432,8 +432,8 @@ def run_train_defense_gan(
 
     `limit` / `val_limit` keep only the first N training / VAL images (smoke runs).
     """
+    from fmdefense.core.provenance import provenance
     from fmdefense.data import load_raw, split_tensors
-    from fmdefense.training.jobs import provenance
 
     ds = load_raw(dataset)
     x, _ = split_tensors(ds, "vae_train")

@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fmdefense.errors import ArtifactError
+from fmdefense.core.errors import ArtifactError
 
 log = logging.getLogger(__name__)
 

@@ -1,1 +1,0 @@
-"""Baselines measured in the same harness as FM-Defense."""

@@ -1,1 +1,0 @@
-"""FM-Defense: natural morphs, resistance, thresholds, purification and the detector."""
