@@ -16,6 +16,7 @@ of the class-mean reconstruction and the reconstruction itself passes the detect
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -76,6 +77,18 @@ class DefaultConfig:
         d["squeezers"] = tuple(d["squeezers"])
         d["scores"] = None if d["scores"] is None else tuple(d["scores"])
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class ScorePass:
+    """Everything `decide` reads, from one pass over n inputs."""
+
+    s: torch.Tensor  # (n, k) scores in `names_` order
+    label: torch.Tensor  # (n,) C(x)
+    recon_label: torch.Tensor  # (n,) C(class-mean reconstruction)
+    dgmm_label: torch.Tensor  # (n,) DGMM's class
+    recon: torch.Tensor | None = None  # (n, C, H, W) class-mean reconstructions
+    recon_s: torch.Tensor | None = None  # (n, k) the reconstructions' own scores
 
 
 class DefaultDefense(Defense):
@@ -159,16 +172,8 @@ class DefaultDefense(Defense):
         self.names_ = self._names(x_val)
         s = self._score_matrix(x_val, self.names_)  # (n, k)
         ref, cal = fusion.split_indices(len(x_val), self.config.seed)
-        self.reference_ = s[ref]
-        stat = self.statistic(s[cal])
-        self.threshold_ = fusion.threshold_at(stat, self.config.alpha)
-        flagged = stat > self.threshold_
-        self.purify_threshold_ = (
-            float(torch.quantile(stat[flagged].double(), self.config.eta))
-            if bool(flagged.any())
-            else self.threshold_
-        )
-        self.val_fpr_ = float(flagged.float().mean())
+        self.reference_, self.calibration_ = s[ref], s[cal]
+        self._set_thresholds()
         self.fingerprints_ = {
             "classifier": fingerprint(self.classifier),
             "vae": fingerprint(self.vae),
@@ -182,6 +187,36 @@ class DefaultDefense(Defense):
         )
         return self
 
+    def _set_thresholds(self) -> None:
+        """θ at α and the "paper" policy's purification bound, from the held-out VAL half."""
+        stat = self.statistic(self.calibration_)
+        self.threshold_ = fusion.threshold_at(stat, self.config.alpha)
+        flagged = stat > self.threshold_
+        self.purify_threshold_ = (
+            float(torch.quantile(stat[flagged].double(), self.config.eta))
+            if bool(flagged.any())
+            else self.threshold_
+        )
+        self.val_fpr_ = float(flagged.float().mean())
+
+    def with_config(self, **changes: Any) -> DefaultDefense:
+        """A copy at another operating point (α, combination, policy, η), from the stored VAL
+        scores; what is scored cannot change this way."""
+        self._require_fit()
+        fixed = sorted(set(changes) - {"alpha", "combine", "purify", "eta"})
+        if fixed:
+            raise InputError(f"with_config cannot change {fixed[0]!r}: fit a new DefaultDefense")
+        clone = DefaultDefense(
+            self.classifier,
+            self.vae,
+            self.autoencoders,
+            dataclasses.replace(self.config, **changes),
+        )
+        clone.names_, clone.fingerprints_ = self.names_, self.fingerprints_
+        clone.reference_, clone.calibration_ = self.reference_, self.calibration_
+        clone._set_thresholds()
+        return clone
+
     def score(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every fused score (n,) and the fused statistic itself under "fused"."""
         self._require_fit()
@@ -191,33 +226,43 @@ class DefaultDefense(Defense):
     def decide(self, x: torch.Tensor) -> Decision:
         """Accept below the threshold; above it reject, or purify as the policy allows."""
         self._require_fit()
-        x = self._check(x)
+        return self.decide_from_pass(self.score_pass(self._check(x)))
+
+    def score_pass(self, x: torch.Tensor, *, with_recon_scores: bool = False) -> ScorePass:
+        """One batched pass over validated images; optionally the reconstructions' scores too
+        (the "consistent" policy reads them; evaluations cache them for every policy)."""
         s, label, recon_label, dgmm_label, recon = self._pass(x, self.names_)
-        stat = self.statistic(s)
+        recon_s = self._score_matrix(recon, self.names_) if with_recon_scores else None
+        return ScorePass(s, label, recon_label, dgmm_label, recon, recon_s)
+
+    def decide_from_pass(self, p: ScorePass) -> Decision:
+        """`decide` from a score pass (sweeps over policies reuse one pass)."""
+        self._require_fit()
+        stat = self.statistic(p.s)
         flagged = stat > self.threshold_
-        purifiable = self._purifiable(recon, stat, recon_label, dgmm_label, flagged)
-        action, final = apply_rule(flagged, purifiable, label, recon_label)
-        scores = {**{k: s[:, i] for i, k in enumerate(self.names_)}, "fused": stat}
-        return Decision(action, final, label, scores)
+        purifiable = self._purifiable(p, stat, flagged)
+        action, final = apply_rule(flagged, purifiable, p.label, p.recon_label)
+        scores = {**{k: p.s[:, i] for i, k in enumerate(self.names_)}, "fused": stat}
+        return Decision(action, final, p.label, scores)
 
     def _purifiable(
-        self,
-        recon: torch.Tensor,
-        stat: torch.Tensor,
-        recon_label: torch.Tensor,
-        dgmm_label: torch.Tensor,
-        flagged: torch.Tensor,
+        self, p: ScorePass, stat: torch.Tensor, flagged: torch.Tensor
     ) -> torch.Tensor | None:
         policy = self.config.purify
         if policy == "reject":
             return None
         if policy == "paper":
             return stat <= self.purify_threshold_
-        ok = recon_label == dgmm_label
+        ok = p.recon_label == p.dgmm_label
         ix = (flagged & ok).nonzero().flatten()
         if len(ix):  # the reconstruction itself must pass the detector
-            passes = self.statistic(self._score_matrix(recon[ix], self.names_)) <= self.threshold_
-            ok[ix] = passes
+            if p.recon_s is not None:
+                recon_s = p.recon_s[ix]
+            elif p.recon is not None:
+                recon_s = self._score_matrix(p.recon[ix], self.names_)
+            else:
+                raise InputError("the consistent policy needs the reconstructions or their scores")
+            ok[ix] = self.statistic(recon_s) <= self.threshold_
         return ok
 
     # ------------------------------------------------------------------ persistence
@@ -225,15 +270,14 @@ class DefaultDefense(Defense):
     def save(self, folder: Path) -> None:
         """Calibration and the autoencoders' weights as one artifact (safetensors + JSON)."""
         self._require_fit()
-        tensors = {"reference": self.reference_}
+        tensors = {"reference": self.reference_, "calibration": self.calibration_}
         if self.autoencoders is not None:
             for prefix, ae in zip(("ae_i.", "ae_ii."), self.autoencoders, strict=True):
                 tensors |= {prefix + k: v for k, v in ae.state_dict().items()}
         config = {
             "defense": asdict(self.config),
             "names": self.names_,
-            "threshold": self.threshold_,
-            "purify_threshold": self.purify_threshold_,
+            "threshold": self.threshold_,  # recomputed on load from the stored VAL scores
             "fingerprints": self.fingerprints_,
             "in_channels": self._channels(),
             "autoencoders": self.autoencoders is not None,
@@ -276,11 +320,14 @@ class DefaultDefense(Defense):
             or ref.shape[1] != len(names)
         ):
             raise ArtifactError(f"{folder}: the reference scores do not match their names")
-        defense.names_, defense.reference_ = [str(n) for n in names], ref
-        defense.threshold_ = float(raw["threshold"])
-        defense.purify_threshold_ = float(raw["purify_threshold"])
+        cal = t.get("calibration")
+        if cal is None or cal.dim() != 2 or cal.shape[1] != ref.shape[1]:
+            raise ArtifactError(f"{folder}: the held-out calibration scores are missing")
+        if not (bool(torch.isfinite(ref).all()) and bool(torch.isfinite(cal).all())):
+            raise ArtifactError(f"{folder}: the calibration holds NaN or infinite scores")
+        defense.names_, defense.reference_, defense.calibration_ = [str(n) for n in names], ref, cal
         defense.fingerprints_ = dict(raw["fingerprints"])
-        defense.val_fpr_ = float("nan")
+        defense._set_thresholds()
         return defense
 
 
