@@ -43,22 +43,25 @@ def recon_baseline(
     out: dict[str, Any] = {}
     scores: dict[str, torch.Tensor] = {}
     for z_u_mode in Z_U_MODES:
-        check = ReconstructionCheck(clf, vae, ReconCheckConfig(z_u_mode=z_u_mode))
-        s_cle = check.score(x_cle)["recon_check"]
-        s_adv = {name: check.score(a.x_adv)["recon_check"] for name, a in adv_sets.items()}
-        if z_u_mode == "feature":
-            scores = {"CLE": s_cle, **s_adv}
-        row: dict[str, Any] = {"detection": ex.score_detection(s_cle, s_adv)}
+        row: dict[str, Any] = {}
         for rho in (0.99, 0.95):
-            check.config = ReconCheckConfig(rho=rho, z_u_mode=z_u_mode)
+            check = ReconstructionCheck(clf, vae, ReconCheckConfig(rho=rho, z_u_mode=z_u_mode))
             check.fit(x_val)
+            dec = {"CLE": check.decide(x_cle)} | {
+                k: check.decide(a.x_adv) for k, a in adv_sets.items()
+            }
             table: dict[str, float] = {
-                "clean": accuracy(check.predict(x_cle), y_cle),
+                "clean": accuracy(dec["CLE"].label, y_cle),
                 "val_fpr": check.val_fpr_,
             }
             for name, a in adv_sets.items():
-                table[name] = defended_accuracy(check.predict(a.x_adv), a.y_true)
+                table[name] = defended_accuracy(dec[name].label, a.y_true)
             row[f"table2_rho_{rho}"] = table
+        s_all = {k: d.scores["recon_check"] for k, d in dec.items()}
+        s_cle = s_all.pop("CLE")
+        row["detection"] = ex.score_detection(s_cle, s_all)
+        if z_u_mode == "feature":
+            scores = {"CLE": s_cle, **s_all}
         out[z_u_mode] = row
     return out, scores
 
