@@ -280,3 +280,24 @@ def test_chunks_from_before_fp32_labels_are_relabelled_row_by_row(tmp_path: Path
     rows.clear()
     defense.resistance(x, cache_dir=tmp_path / "r")
     assert rows == []
+
+
+@pytest.mark.parametrize("rho", [0.6, 0.8, 0.95])
+def test_exact_early_stopping_gives_identical_decisions_with_fewer_morphs(rho: float) -> None:
+    from fmdefense.defenses.fm.sequential import SequentialConfig
+
+    clf, vae = ToyClassifier(), ToyVAE()
+    x_val = images([0.05 * i for i in range(1, 20)])
+    cfg = FMDefenseConfig(n_morphs=40, rho=rho, threshold_mode="joint", eta=0.5)
+    defense = FMDefense(clf, vae, cfg).fit(x_val)
+    x = images([0.45, 0.9, 0.52, 0.2, 0.55, 0.48, 0.7, 0.51])
+    full = defense.decide(x)
+    fast = defense.decide_sequential(x, SequentialConfig(mode="exact", round_size=5))
+    assert torch.equal(fast.action, full.action) and torch.equal(fast.label, full.label)
+    used = fast.details["morphs"]
+    assert int(used.max()) <= 40 * len(defense.code_idx_)
+    assert int(used.sum()) < 40 * len(defense.code_idx_) * len(x)  # something was saved
+    sprt = defense.decide_sequential(x, SequentialConfig(mode="sprt", round_size=5))
+    assert len(sprt) == len(x)
+    assert bool((sprt.details["morphs"] <= 40 * len(defense.code_idx_)).all())
+    assert int(sprt.details["morphs"].sum()) == 0 or bool((defense.theta_ >= 0).any())

@@ -20,11 +20,12 @@ from torch import nn
 from fmdefense.core.artifacts import load_tensors, read_config, save_artifact
 from fmdefense.core.errors import ArtifactError, InputError
 from fmdefense.core.fingerprints import fingerprint
-from fmdefense.defenses.base import Decision, Defense
+from fmdefense.defenses.base import ACCEPT, PURIFY, Decision, Defense
 from fmdefense.defenses.fm.config import FMDefenseConfig, MorphableVAE
 from fmdefense.defenses.fm.engine import MorphEngine
 from fmdefense.defenses.fm.purifier import Z_U_MODES, purified_labels
 from fmdefense.defenses.fm.ranges import normal_ranges
+from fmdefense.defenses.fm.sequential import SequentialConfig
 from fmdefense.defenses.fm.thresholds import (
     distance,
     distance_threshold,
@@ -201,6 +202,35 @@ class FMDefense(Defense):
         """Accept (label C(x)), purify (label C(D(E_s(x) ⊕ z_u))) or reject each input."""
         r = self.resistance(x, cache_dir)
         return self.decide_from_resistance(x, r)
+
+    def decide_sequential(
+        self, x: torch.Tensor, config: SequentialConfig | None = None
+    ) -> Decision:
+        """`decide` with early stopping of the morphs (exact: identical actions; sprt: at its
+        error rate). details: resistance estimates and the morphs decoded per input."""
+        self._require_fit()
+        x = self._check(x)
+        cfg = config or SequentialConfig()
+        parts = [
+            self.engine.sequential(
+                x[i : i + self.config.chunk_size],
+                self.code_idx_,
+                self.lo_,
+                self.hi_,
+                self.theta_,
+                self.theta_d_,
+                cfg,
+            )
+            for i in range(0, len(x), self.config.chunk_size)
+        ]
+        action, r_hat, used, input_label = (torch.cat(p) for p in zip(*parts, strict=True))
+        purify = action == PURIFY
+        purified = input_label.clone()
+        if bool(purify.any()):
+            purified[purify] = self._purified(x[purify], self.z_u_mode_)
+        _, label = apply_rule(action != ACCEPT, purify, input_label, purified)
+        details = {"resistance_estimate": r_hat, "morphs": used}
+        return Decision(action, label, input_label, self._scores(r_hat), details)
 
     def decide_from_resistance(self, x: torch.Tensor, r: torch.Tensor) -> Decision:
         """`decide` with resistances (n, m) already computed (for sweeps over thresholds)."""

@@ -15,9 +15,10 @@ from torch import nn
 from fmdefense.core.chunks import chunked
 from fmdefense.core.fingerprints import fingerprint, fingerprint_tensor
 from fmdefense.defenses.fm.config import FMDefenseConfig, MorphableVAE
-from fmdefense.defenses.fm.morphs import draw_table, natural_deltas
+from fmdefense.defenses.fm.morphs import draw_table, natural_deltas, shuffled
 from fmdefense.defenses.fm.ranges import code_values
 from fmdefense.defenses.fm.resistance import resistance
+from fmdefense.defenses.fm.sequential import SequentialConfig, sequential_actions
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,44 @@ class MorphEngine:
             self.morph_labels,
             self.config.batch_size,
         )
+
+    def morph_deltas(
+        self, codes: torch.Tensor, code_idx: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+    ) -> torch.Tensor:
+        """The natural morphs' perturbations (n, m, N) of encoded inputs, in shuffled order."""
+        values = code_values(codes)[:, code_idx]  # (n, m)
+        table = self.table[:, code_idx]
+        deltas = natural_deltas(values, lo[code_idx], hi[code_idx], table, self.config.morph)
+        return shuffled(deltas, self.config.seed)
+
+    def sequential(
+        self,
+        x: torch.Tensor,
+        code_idx: torch.Tensor,
+        lo: torch.Tensor,
+        hi: torch.Tensor,
+        theta: torch.Tensor,
+        theta_d: float,
+        cfg: SequentialConfig,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(actions, resistance estimates, morphs decoded, C(x)) with early stopping."""
+        labels = self.labels(x)
+        codes, z_u = self.latents(x)
+        deltas = self.morph_deltas(codes, code_idx, lo, hi)
+        action, r_hat, used = sequential_actions(
+            codes,
+            z_u,
+            labels,
+            code_idx,
+            deltas,
+            self.decode,
+            self.morph_labels,
+            theta,
+            theta_d,
+            cfg,
+            self.config.batch_size,
+        )
+        return action, r_hat, used, labels
 
     def relabelled(
         self,

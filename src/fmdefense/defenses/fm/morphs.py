@@ -66,6 +66,14 @@ def natural_deltas(
     return _fill_uniform(out, count, values, lo, hi, cfg.seed)
 
 
+def shuffled(deltas: torch.Tensor, seed: int) -> torch.Tensor:
+    """The N morphs of every (input, code) in one seeded random order (n, m, N): the search
+    emits its smallest perturbations first, so only a shuffled prefix is a random sample.
+    The same permutation for every input keeps morphs batch-independent."""
+    gen = torch.Generator().manual_seed(seed + 2)
+    return deltas[..., torch.randperm(deltas.shape[-1], generator=gen)]
+
+
 def _fill_uniform(
     out: torch.Tensor,
     count: torch.Tensor,
