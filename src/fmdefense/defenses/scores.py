@@ -1,6 +1,7 @@
 """Suspicion scores the classifier, the combo-VAE and pixel-space autoencoders give without any
 adversarial data. Each is (n,), larger = more suspicious, and differentiable where its model is
-(adaptive attacks go through them; the bit-depth squeezer's rounding is not, use BPDA there).
+(adaptive attacks go through them; the bit-depth squeezer's rounding passes its gradient
+straight through).
 
 - combo-VAE (one encode, two decodes): pixel error ‖x − x̂‖² for both z_u readings, the
   reconstruction check 1 − p_C(x̂)[C(x)] for both, DGMM's doubt 1 − p_DGMM[C(x)];
@@ -76,9 +77,11 @@ def autoencoder_scores(ae_i: nn.Module, ae_ii: nn.Module, x: torch.Tensor) -> Sc
 
 
 def bit_depth(x: torch.Tensor, bits: int = 1) -> torch.Tensor:
-    """Round every pixel to 2^bits levels (not differentiable)."""
+    """Round every pixel to 2^bits levels; the gradient passes straight through (BPDA, so an
+    adaptive attack is not stopped by the rounding's zero gradient)."""
     levels = 2**bits - 1
-    return torch.round(x * levels) / levels
+    rounded = torch.round(x * levels) / levels
+    return x + (rounded - x).detach()
 
 
 def median_filter(x: torch.Tensor, size: int = 2) -> torch.Tensor:
