@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from fmdefense.defenses.base import Defense
+from fmdefense.defenses.defense_gan import DefenseGAN
 from fmdefense.defenses.fm.detector import FMDefense
+from fmdefense.defenses.magnet import MagNet
 from fmdefense.defenses.recon_check import ReconstructionCheck
 
 DEFENSES: dict[str, type[Defense]] = {
     FMDefense.name: FMDefense,
     ReconstructionCheck.name: ReconstructionCheck,
+    MagNet.name: MagNet,
+    DefenseGAN.name: DefenseGAN,
 }
