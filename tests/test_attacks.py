@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from fmdefense.attacks.commands import default_out, register
 from torch import nn
 
 import fmdefense.attacks.runner as runner
-from fmdefense.attacks.commands import default_out, register
 from fmdefense.attacks.library import (
     CWConfig,
     DeepFoolConfig,

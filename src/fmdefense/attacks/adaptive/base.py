@@ -59,7 +59,9 @@ def device_of(model: nn.Module) -> torch.device:
 def batched_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """The model's float logits (n, K) for x, batched, on the CPU."""
     device = device_of(model)
-    parts = [model(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+    parts = [
+        model(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)
+    ]
     return torch.cat(parts)
 
 
@@ -116,7 +118,9 @@ class AdaptiveAttack(ABC):
         """The same attack with other hyperparameters (unknown names raise InputError)."""
         unknown = sorted(set(changes) - set(self.params))
         if unknown:
-            raise InputError(f"{self.name} has no parameter {unknown[0]!r}; its: {list(self.params)}")
+            raise InputError(
+                f"{self.name} has no parameter {unknown[0]!r}; its: {list(self.params)}"
+            )
         clone = type(self)(self.classifier, self.defense, **{**self.params, **changes})
         clone.budget = self.budget
         return clone
@@ -290,7 +294,9 @@ class PGDAttack(AdaptiveAttack):
                 warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
                 loss = self.loss(xa, y0[rows].to(device), idx[rows], gen)  # (r,)
             if t == self.steps or (t > 0 and t % self.check_every == 0):
-                self._record(x_adv, y0, idx, rows, loss.detach().cpu(), live, x_out, done, best_loss)
+                self._record(
+                    x_adv, y0, idx, rows, loss.detach().cpu(), live, x_out, done, best_loss
+                )
                 if t == self.steps or not bool(live.any()):
                     return
             (grad,) = torch.autograd.grad(loss.sum(), xa)

@@ -91,7 +91,9 @@ class JointPGD(PGDAttack):
         deltas = self._eot_deltas(values, codes_i, gen)  # (n, k, V)
         n, k, V = deltas.shape
         shifted = morph_codes(codes, codes_i, deltas.to(codes.device, codes.dtype))
-        m_logits = self.classifier(vae.decode_codes(shifted.flatten(0, 2), z_u.repeat_interleave(k * V, 0)))
+        m_logits = self.classifier(
+            vae.decode_codes(shifted.flatten(0, 2), z_u.repeat_interleave(k * V, 0))
+        )
         m_loss = targeted_margin(m_logits.float(), target.repeat_interleave(k * V), self.kappa)
         return m_loss.view(n, k * V).mean(1)
 

@@ -38,7 +38,10 @@ class SquareSearch(AdaptiveAttack):
     name = "square"
     defenses = ("fm",)
     budget_params = ("queries",)
-    legacy_names: ClassVar[dict[str, str]] = {"queries": "square_queries", "p_init": "square_p_init"}
+    legacy_names: ClassVar[dict[str, str]] = {
+        "queries": "square_queries",
+        "p_init": "square_p_init",
+    }
 
     def __init__(
         self,

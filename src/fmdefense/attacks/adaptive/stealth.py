@@ -38,7 +38,11 @@ class StealthPGD(PGDAttack):
         super().__init__(classifier, defense, **pgd)
         self._keep(w_cls=w_cls, w_stealth=w_stealth, stealth_margin=stealth_margin)
 
-    def objective(self, labelled: torch.Tensor, y: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    def objective(
+        self, labelled: torch.Tensor, y: torch.Tensor, ratio: torch.Tensor
+    ) -> torch.Tensor:
         """(n,) from the image the defense labels (n, C, H, W) and score/threshold (n[, k])."""
         wrong = margin(self.classifier(labelled).float(), y, self.kappa)
-        return self.w_cls * wrong + self.w_stealth * stealth_hinge(ratio, self.stealth_margin).float()
+        return (
+            self.w_cls * wrong + self.w_stealth * stealth_hinge(ratio, self.stealth_margin).float()
+        )
