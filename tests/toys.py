@@ -59,3 +59,28 @@ class ToyVAE(nn.Module):
 def images(means: list[float]) -> torch.Tensor:
     """Flat 4×4 images with the given brightness. (n, 1, 4, 4)"""
     return torch.tensor(means).view(-1, 1, 1, 1).expand(-1, 1, 4, 4).clone()
+
+
+class ToyDGMM(nn.Module):
+    """Two class means on the toy's one-dimensional z_u (constant 0.5: DGMM always doubts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.means = nn.Parameter(torch.tensor([[0.2], [0.8]]))  # (classes, K)
+
+    def logits(self, z_u: torch.Tensor) -> torch.Tensor:  # (B, 1) -> (B, 2)
+        return -50 * (z_u - self.means.T).pow(2)
+
+    def class_means(self, z_u: torch.Tensor) -> torch.Tensor:
+        return self.means[self.logits(z_u).argmax(1)]
+
+
+class ToyComboVAE(ToyVAE):
+    """The toy VAE with what the default defense reads too: `decode` and a DGMM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dgmm = ToyDGMM()
+
+    def decode(self, z_s: torch.Tensor, z_u: torch.Tensor) -> torch.Tensor:
+        return self.decode_codes(torch.cat([z_s, z_u], 1))

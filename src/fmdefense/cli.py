@@ -99,7 +99,8 @@ def _train_vae(args: argparse.Namespace) -> None:
 
 
 def _reproduce(args: argparse.Namespace) -> None:
-    from fmdefense.evaluation.pipeline import ATTACKS, run_reproduce
+    from fmdefense.evaluation.pipeline import run_reproduce
+    from fmdefense.evaluation.profiles import ATTACKS
 
     chosen = (
         ATTACKS

@@ -61,5 +61,6 @@ def dataclass_kwargs(cls: Any, raw: object, what: str) -> dict[str, Any]:
     d = dict(raw)
     for name, f in fields.items():
         if name not in d:
-            d[name] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            factory: Any = f.default_factory
+            d[name] = f.default if f.default is not dataclasses.MISSING else factory()
     return d

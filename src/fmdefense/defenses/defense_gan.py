@@ -145,7 +145,9 @@ class DefenseGAN(Defense):
         return self
 
     def score(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{"reconstruction_error": ‖G(z*) − x‖²} (n,), the raw error (no fit needed)."""
+        """{"reconstruction_error": ‖G(z*) − x‖²} (n,), flagged above `threshold_`; like every
+        defense's scores, only after `fit` (the raw search is `project`)."""
+        self._require_fit()
         return {SCORE: self.project(x).error.cpu()}
 
     @torch.no_grad()

@@ -78,6 +78,7 @@ class ReconstructionCheck(Defense):
 
     def score(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """{"recon_check": 1 − p_C(x̂)[C(x)]} (n,) in [0, 1]."""
+        self._require_fit()
         return {"recon_check": self._outputs(x)[0]}
 
     def decide(self, x: torch.Tensor) -> Decision:

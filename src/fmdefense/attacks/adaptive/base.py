@@ -78,6 +78,7 @@ class AdaptiveAttack(ABC):
     defenses: ClassVar[tuple[str, ...] | None] = None  # registry names it attacks; None: any
     budget_params: ClassVar[tuple[str, ...]] = ()  # what `with_budget` multiplies
     legacy_names: ClassVar[dict[str, str]] = {}  # param -> its field in the old shared config
+    eps: float  # L∞ radius (1.0: unbounded)
 
     def __init__(
         self, classifier: nn.Module, defense: Defense | None = None, *, eps: float = 0.3
@@ -188,6 +189,15 @@ class PGDAttack(AdaptiveAttack):
     """The shared PGD-L∞ loop; subclasses supply `loss` (and optionally `prepare`, `project`)."""
 
     budget_params = ("steps",)
+    steps: int  # PGD steps per restart
+    restarts: int  # each from a random point in the ε-ball (the first repeats a 1-restart run)
+    step_size: float | None  # initial α; None: ε/4
+    schedule: str  # halving (α/2 each quarter) | cosine | constant
+    random_start: bool
+    check_every: int  # steps between hard-decision success checks (and at each restart end)
+    kappa: float  # margin cap of every margin loss (a satisfied term stops pulling)
+    batch_size: int  # inputs attacked together
+    seed: int
 
     def __init__(
         self,

@@ -28,6 +28,12 @@ class CWTransfer(AdaptiveAttack):
         "stepsize": "cw_stepsize",
         "initial_const": "cw_initial_const",
     }
+    confidence: float
+    steps: int
+    binary_steps: int
+    stepsize: float
+    initial_const: float
+    batch_size: int
 
     def __init__(
         self,

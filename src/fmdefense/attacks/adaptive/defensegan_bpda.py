@@ -40,6 +40,7 @@ class DefenseGANBPDA(StealthPGD):
     name = "defensegan_bpda"
     defenses = ("defensegan",)
     legacy_names: ClassVar[dict[str, str]] = {"starts": "bpda_starts"}
+    starts: str  # the forward search's starts: "defense" (its own) | "fresh" (EOT)
 
     def __init__(
         self,

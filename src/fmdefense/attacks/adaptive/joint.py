@@ -29,6 +29,12 @@ class JointPGD(PGDAttack):
 
     name = "joint"
     defenses = ("fm",)
+    eot_codes: int
+    eot_values: int
+    morph_source: str
+    w_cls: float
+    w_morph: float
+    w_purify: float
 
     def __init__(
         self,

@@ -21,6 +21,8 @@ class LatentPGD(PGDAttack):
 
     name = "latent"
     defenses = ("fm",)
+    w_latent: float
+    w_cls: float
 
     def __init__(
         self,

@@ -42,6 +42,11 @@ class SquareSearch(AdaptiveAttack):
         "queries": "square_queries",
         "p_init": "square_p_init",
     }
+    queries: int
+    p_init: float
+    w_detect: float
+    kappa: float
+    seed: int
 
     def __init__(
         self,

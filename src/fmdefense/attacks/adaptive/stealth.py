@@ -22,6 +22,10 @@ from fmdefense.defenses.base import Defense
 class StealthPGD(PGDAttack):
     """PGD on margin(C(x̂), y) + a hinge on score/threshold ratios (subclasses give both)."""
 
+    w_cls: float
+    w_stealth: float
+    stealth_margin: float
+
     def __init__(
         self,
         classifier: nn.Module,

@@ -27,9 +27,10 @@ def check_codes(codes: object) -> None:
     """ "all", "auto" or a non-empty tuple of distinct non-negative code indices."""
     if codes in ("all", "auto"):
         return
-    ok = isinstance(codes, tuple | list) and len(codes) > 0
-    ok = ok and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in codes)
-    if not ok or len(set(codes)) != len(codes):  # type: ignore[arg-type]
+    items = list(codes) if isinstance(codes, tuple | list) else []
+    ok = len(items) > 0
+    ok = ok and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in items)
+    if not ok or len(set(items)) != len(items):
         raise InputError(
             f"codes must be 'all', 'auto' or distinct non-negative indices, got {codes!r}"
         )

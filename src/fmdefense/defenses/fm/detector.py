@@ -59,9 +59,11 @@ class FMDefense(Defense):
 
     @property
     def engine(self) -> MorphEngine:
-        if getattr(self, "_engine", None) is None or self._engine.config != self.config:
-            self._engine = MorphEngine(self.classifier, self.vae, self.config)
-        return self._engine
+        """The morph engine of the current models and config (rebuilt when they change)."""
+        engine: MorphEngine | None = getattr(self, "_engine", None)
+        if engine is None or engine.config != self.config:
+            engine = self._engine = MorphEngine(self.classifier, self.vae, self.config)
+        return engine
 
     def _labels(self, x: torch.Tensor) -> torch.Tensor:
         return self.engine.labels(x)
