@@ -163,7 +163,8 @@ class AdaptiveAttack(ABC):
 
     def _eval_mode(self) -> None:
         """Classifier and every network the defense holds in eval mode (batch norm, dropout)."""
-        modules = [self.classifier, *vars(self.defense or object()).values()]
+        held = vars(self.defense).values() if self.defense is not None else ()
+        modules = [self.classifier, *held]
         for module in modules:
             if isinstance(module, nn.Module):
                 module.eval()
