@@ -210,7 +210,8 @@ def test_one_epoch_trains_resumes_to_the_same_weights_and_is_seeded(tmp_path: Pa
     twin = Generator(TINY)  # the same command again: the same weights
     train_defense_gan(twin, x, CPU)
     assert all(
-        torch.equal(a, b) for a, b in zip(g.state_dict().values(), twin.state_dict().values())
+        torch.equal(a, b)
+        for a, b in zip(g.state_dict().values(), twin.state_dict().values(), strict=True)
     )
     # one more epoch on top of the resume state equals two epochs in one go
     two = dataclasses.replace(TINY, epochs=2)

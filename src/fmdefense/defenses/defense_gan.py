@@ -29,20 +29,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fmdefense.core.artifacts import (
-    RESUME_FILE,
-    WEIGHTS_FILE,
-    load_tensors,
-    read_config,
-    read_metrics,
-    save_artifact,
-)
-from fmdefense.core.errors import ArtifactError, InputError
+from fmdefense.core.artifacts import RESUME_FILE, save_artifact
+from fmdefense.core.errors import InputError
 from fmdefense.core.paths import classifier_dir
 from fmdefense.core.provenance import provenance
 from fmdefense.core.validation import check_images
 from fmdefense.defenses.base import Decision, Defense
-from fmdefense.defenses.calibration import drop_rate_threshold
+from fmdefense.defenses.calibration import drop_rate_threshold, read_network_artifact
 from fmdefense.defenses.rule import apply_rule
 from fmdefense.models.gan import DefenseGANConfig, Generator
 
@@ -195,27 +188,20 @@ class DefenseGAN(Defense):
     def load(cls, folder: Path, classifier: nn.Module, **models: Any) -> DefenseGAN:
         """Rebuild a saved Defense-GAN around `classifier`, on the classifier's device (the
         generator is in the artifact). An artifact saved unfitted loads unfitted."""
-        if models:
-            raise InputError(f"DefenseGAN.load takes no other models, got {sorted(models)}")
-        try:
-            config = DefenseGANConfig.from_dict(read_config(folder, KIND))
-        except (InputError, TypeError) as exc:
-            raise ArtifactError(f"{folder}/config.json: {exc}") from exc
-        tensors = load_tensors(Path(folder) / WEIGHTS_FILE)
-        threshold = tensors.pop("threshold", None)
-        if threshold is None or threshold.shape != (1,):
-            raise ArtifactError(f"{folder}/{WEIGHTS_FILE} lacks the detection threshold")
-        generator = Generator(config)
-        weights = {k.removeprefix(PREFIX): v for k, v in tensors.items()}
-        try:
-            generator.load_state_dict(weights)
-        except RuntimeError as exc:
-            raise ArtifactError(f"weights in {folder} do not match its config: {exc}") from exc
-        gan = cls(classifier, generator, config)
-        generator.to(gan.device).eval()
-        if bool(torch.isfinite(threshold).all()):
-            gan.threshold_ = float(threshold)
-            gan.val_fpr_ = float(read_metrics(folder).get("val_fpr", float("nan")))
+        art = read_network_artifact(
+            folder,
+            KIND,
+            DefenseGANConfig.from_dict,
+            Generator,
+            threshold_key="threshold",
+            threshold_shape=(1,),
+            prefix=PREFIX,
+            models=models,
+        )
+        gan = cls(classifier, art.network, art.config)
+        art.network.to(gan.device)
+        if art.threshold is not None:
+            gan.threshold_, gan.val_fpr_ = float(art.threshold), art.val_fpr
         return gan
 
 

@@ -21,18 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from fmdefense.core.artifacts import (
-    WEIGHTS_FILE,
-    load_tensors,
-    read_config,
-    read_metrics,
-    save_artifact,
-)
-from fmdefense.core.errors import ArtifactError, InputError
+from fmdefense.core.artifacts import save_artifact
 from fmdefense.core.paths import classifier_dir
 from fmdefense.core.provenance import provenance
 from fmdefense.defenses.base import Decision, Defense
-from fmdefense.defenses.calibration import drop_rate_threshold
+from fmdefense.defenses.calibration import drop_rate_threshold, read_network_artifact
 from fmdefense.defenses.rule import apply_rule
 from fmdefense.models.magnet import MagNetAutoencoders, MagNetConfig
 
@@ -127,26 +120,19 @@ class MagNet(Defense):
     def load(cls, folder: Path, classifier: nn.Module, **models: Any) -> MagNet:
         """Rebuild a saved MagNet around `classifier`, on the classifier's device; its
         autoencoders are in the artifact. An artifact saved unfitted loads unfitted."""
-        if models:
-            raise InputError(f"MagNet.load takes no other models, got {sorted(models)}")
-        try:
-            config = MagNetConfig.from_dict(read_config(folder, KIND))
-        except InputError as exc:
-            raise ArtifactError(f"{folder}/config.json: {exc}") from exc
-        tensors = load_tensors(Path(folder) / WEIGHTS_FILE)
-        thresholds = tensors.pop("thresholds", None)
-        autoencoders = MagNetAutoencoders(config)
-        try:
-            autoencoders.load_state_dict(tensors)
-        except RuntimeError as exc:
-            raise ArtifactError(f"weights in {folder} do not match its config: {exc}") from exc
-        magnet = cls(classifier, autoencoders, config)
-        autoencoders.to(magnet.device).eval()
-        if thresholds is None or thresholds.shape != (2,):
-            raise ArtifactError(f"{folder}/{WEIGHTS_FILE} lacks the two detector thresholds")
-        if bool(torch.isfinite(thresholds).all()):
-            magnet.thresholds_ = thresholds.float()
-            magnet.val_fpr_ = float(read_metrics(folder).get("val_fpr", float("nan")))
+        art = read_network_artifact(
+            folder,
+            KIND,
+            MagNetConfig.from_dict,
+            MagNetAutoencoders,
+            threshold_key="thresholds",
+            threshold_shape=(2,),
+            models=models,
+        )
+        magnet = cls(classifier, art.network, art.config)
+        art.network.to(magnet.device)
+        if art.threshold is not None:
+            magnet.thresholds_, magnet.val_fpr_ = art.threshold, art.val_fpr
         return magnet
 
 
