@@ -55,7 +55,11 @@ class Projection:
 
 
 class DefenseGAN(Defense):
-    """The generator, the detection threshold and the z search around a classifier."""
+    """The generator, the detection threshold and the z search around a classifier.
+
+    Unlike the other defenses, a decision depends on an input's position in the batch (row i
+    starts its search from the i-th seeded start); decide on a set in the order it came.
+    """
 
     name = "defensegan"
     kind = KIND

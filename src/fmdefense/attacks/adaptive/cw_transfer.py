@@ -5,6 +5,7 @@ defended pipeline, which judges it. Applies to every defense.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -52,8 +53,8 @@ class CWTransfer(AdaptiveAttack):
         for key, count in (("steps", steps), ("binary_steps", binary_steps)):
             check_int(key, count, low=1)
         check_int("batch_size", batch_size, low=1)
-        check_range("stepsize", stepsize, 0.0, 10.0, low_open=True)
-        check_range("initial_const", initial_const, 0.0, 1e6, low_open=True)
+        check_range("stepsize", stepsize, 0.0, math.inf, low_open=True)
+        check_range("initial_const", initial_const, 0.0, math.inf, low_open=True)
         super().__init__(classifier, defense, **common)
         self._keep(
             confidence=confidence,

@@ -18,7 +18,7 @@ from fmdefense.defenses.registry import DEFENSES
 # Default artifact folder of each defense under runs/<dataset>/
 DEFAULT_DIRS = {"fm": "defense", "magnet": "magnet", "defensegan": "defense_gan"}
 # Models a defense needs beside the classifier (the others hold theirs in their artifact)
-NEEDS_VAE = ("fm", "recon")
+NEEDS_VAE = ("fm", "recon", "default")
 
 
 def default_out(dataset: str, defense: str) -> Path:
