@@ -19,11 +19,13 @@ import torch
 
 from fmdefense.core.device import resolve_device
 from fmdefense.core.errors import ArtifactError
-from fmdefense.defenses.defense_gan import DefenseGAN, DefenseGANConfig
+from fmdefense.defenses.defense_gan import DefenseGAN
 from fmdefense.defenses.fm.detector import FMDefense, FMDefenseConfig
-from fmdefense.defenses.magnet import MagNet, MagNetConfig
+from fmdefense.defenses.magnet import MagNet
 from fmdefense.defenses.recon_check import ReconCheckConfig, ReconstructionCheck
-from fmdefense.evaluation.pipeline import defensegan_dir
+from fmdefense.evaluation.baselines import defensegan_dir
+from fmdefense.models.gan import DefenseGANConfig, Generator
+from fmdefense.models.magnet import MagNetAutoencoders, MagNetConfig
 from morph_throughput import load
 
 
@@ -64,24 +66,26 @@ def main() -> None:
         )
     )
 
-    magnet = MagNet(MagNetConfig()).to(device).eval().fit_thresholds(x.to(device))
+    mcfg = MagNetConfig()
+    magnet = MagNet(clf, MagNetAutoencoders(mcfg).to(device).eval(), mcfg).fit(x)
     rows.append(
         (
             "MagNet",
-            timed(lambda xb: magnet.predict(clf, xb.to(device)), x),
+            timed(magnet.predict, x),
             "2 autoencoder passes + 1 classifier pass",
         )
     )
 
     try:
-        gan = DefenseGAN.load(defensegan_dir("mnist"), device).eval()
+        gan = DefenseGAN.load(defensegan_dir("mnist"), clf)
     except ArtifactError:
-        gan = DefenseGAN(DefenseGANConfig()).to(device).eval().fit_thresholds(x[:8].to(device))
-    r, steps = gan.cfg.restarts, gan.cfg.search_steps
+        gcfg = DefenseGANConfig()
+        gan = DefenseGAN(clf, Generator(gcfg).to(device).eval(), gcfg).fit(x[:8])
+    r, steps = gan.config.restarts, gan.config.search_steps
     rows.append(
         (
             f"Defense-GAN (R = {r}, L = {steps})",
-            timed(lambda xb: gan.score_and_predict(clf, xb.to(device)), x),
+            timed(gan.predict, x),  # one search: scores and labels
             f"{r * steps:,} generator forward+backward + {r} forward + 1 classifier pass",
         )
     )

@@ -2,29 +2,29 @@
 
 The toy classifier labels a 4×4 image by its mean brightness (> 0.5 → 1); the toy VAE's only
 effective code is that mean, so an input near 0.5 has low resistance and is flagged, while one
-pushed well past 0.5 keeps its (wrong) label on every morph and is accepted.
+pushed well past 0.5 keeps its (wrong) label on every morph and is accepted. One table of
+attack targets (Foolbox's `AttackTestTarget` idea) drives the checks every attack must pass.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import torch
 
 from fmdefense.attacks.adaptive import (
-    AdaptiveConfig,
+    ADAPTIVE_ATTACKS,
     attacks_for,
-    evaluate_adaptive,
     make_attack,
-    margin,
-    project,
+    project_linf,
     run_adaptive,
+    run_sweep,
     sanity_checks,
-    shift_codes,
-    step_size,
-    targeted_margin,
 )
+from fmdefense.attacks.adaptive.losses import margin, targeted_margin
 from fmdefense.core.errors import InputError, NotFittedError
 from fmdefense.defenses.base import ACCEPT, REJECT_LABEL
 from fmdefense.defenses.fm.config import FMDefenseConfig
@@ -52,7 +52,45 @@ def defense() -> FMDefense:
     return toy_defense()
 
 
-FAST = AdaptiveConfig(eps=0.2, steps=20, kappa=0.0, square_queries=60, cw_confidence=3.0)
+@dataclass(frozen=True)
+class AttackTarget:
+    """One attack on the toy FM-Defense: fast parameters and what it must reach."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+    min_success: int = 0  # successes on the 10 toy inputs
+    judged_by_defense: bool = True  # its success flags are the defense's verdict
+
+
+PGD = {"eps": 0.2, "steps": 20, "kappa": 0.0}
+TARGETS = [
+    AttackTarget("joint", PGD, 5),
+    AttackTarget("latent", PGD, 3),
+    AttackTarget("square", {"eps": 0.2, "queries": 60, "kappa": 0.0}, 3),
+    AttackTarget("cw_transfer", {"eps": 0.2, "confidence": 3.0}, 3),
+    AttackTarget("undefended", PGD, 10, judged_by_defense=False),
+]
+
+
+def test_the_table_covers_every_attack_on_fm_defense() -> None:
+    assert sorted(t.name for t in TARGETS) == sorted(attacks_for("fm"))
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=lambda t: t.name)
+def test_every_attack_stays_in_the_box_and_ball_is_seeded_and_reaches_the_pipeline(
+    defense: FMDefense, target: AttackTarget
+) -> None:
+    x, y = toy_inputs()
+    a = run_adaptive(target.name, defense, x, y, **target.params)
+    b = run_adaptive(target.name, defense, x, y, **target.params)
+    assert a.x_adv.shape == x.shape and a.success.shape == (len(x),)
+    assert float(a.x_adv.min()) >= 0.0 and float(a.x_adv.max()) <= 1.0
+    assert float((a.x_adv - x).abs().max()) <= target.params["eps"] + 1e-6
+    assert torch.equal(a.x_adv, b.x_adv) and torch.equal(a.success, b.success)
+    assert int(a.success.sum()) >= target.min_success
+    if target.judged_by_defense:  # its own flags are the hard pipeline's verdict
+        label = defense.predict(a.x_adv)
+        assert torch.equal(a.success, (label != y) & (label != REJECT_LABEL))
 
 
 def accepted_wrong(defense: FMDefense, x_adv: torch.Tensor, y: torch.Tensor) -> int:
@@ -62,56 +100,39 @@ def accepted_wrong(defense: FMDefense, x_adv: torch.Tensor, y: torch.Tensor) -> 
 
 def test_joint_beats_the_oblivious_attack_against_the_detector(defense: FMDefense) -> None:
     x, y = toy_inputs()
-    oblivious = run_adaptive("undefended", defense, x, y, FAST)  # PGD on C alone
-    joint = run_adaptive("joint", defense, x, y, FAST)
+    oblivious = run_adaptive("undefended", defense, x, y, **PGD)  # PGD on C alone
+    joint = run_adaptive("joint", defense, x, y, **PGD)
     assert bool(oblivious.success.all())  # it fools the bare classifier every time ...
-    n_obl, n_joint = (
-        accepted_wrong(defense, oblivious.x_adv, y),
-        accepted_wrong(defense, joint.x_adv, y),
-    )
+    n_obl = accepted_wrong(defense, oblivious.x_adv, y)
     assert n_obl <= 2  # ... but lands by the boundary, where morphs flip: flagged
-    assert n_joint >= n_obl + 5  # the joint attack moves where morphs agree: accepted and wrong
-    # its own success flags are the hard pipeline's verdict on what it returned
-    label = defense.predict(joint.x_adv)
-    assert torch.equal(joint.success, (label != y) & (label != REJECT_LABEL))
-
-
-@pytest.mark.parametrize("name", sorted(attacks_for("fm")))
-def test_outputs_stay_in_the_box_and_the_ball_and_are_seeded(defense: FMDefense, name: str) -> None:
-    x, y = toy_inputs()
-    a = run_adaptive(name, defense, x, y, FAST)
-    b = run_adaptive(name, defense, x, y, FAST)
-    assert a.x_adv.shape == x.shape and a.success.shape == (len(x),)
-    assert float(a.x_adv.min()) >= 0.0 and float(a.x_adv.max()) <= 1.0
-    assert float((a.x_adv - x).abs().max()) <= FAST.eps + 1e-6
-    assert torch.equal(a.x_adv, b.x_adv) and torch.equal(a.success, b.success)
-
-
-def test_gradient_free_and_transfer_attacks_reach_the_pipeline(defense: FMDefense) -> None:
-    x, y = toy_inputs()
-    for name in ("square", "cw_transfer", "latent"):
-        result = run_adaptive(name, defense, x, y, FAST)
-        assert int(result.success.sum()) >= 3, name
+    # the joint attack moves where morphs agree: accepted and wrong
+    assert accepted_wrong(defense, joint.x_adv, y) >= n_obl + 5
 
 
 def test_a_different_seed_gives_a_different_random_start(defense: FMDefense) -> None:
     x, y = toy_inputs()
-    a = run_adaptive("joint", defense, x, y, AdaptiveConfig(eps=0.1, steps=2, seed=0))
-    b = run_adaptive("joint", defense, x, y, AdaptiveConfig(eps=0.1, steps=2, seed=1))
+    a = run_adaptive("joint", defense, x, y, eps=0.1, steps=2, seed=0)
+    b = run_adaptive("joint", defense, x, y, eps=0.1, steps=2, seed=1)
     assert not torch.equal(a.x_adv, b.x_adv)
 
 
-def test_evaluate_adaptive_is_json_and_its_sanity_checks_hold(defense: FMDefense) -> None:
+def test_the_sweep_without_a_folder_is_json_and_its_sanity_checks_hold(
+    defense: FMDefense,
+) -> None:
     x, y = toy_inputs()
-    cfg = AdaptiveConfig(steps=10, kappa=0.0)
-    out = evaluate_adaptive(defense, x, y, "joint", [0.2, 0.05], config=cfg, unbounded_eps=1.0)
+    changes = {"steps": 10, "kappa": 0.0}
+    out = run_sweep(defense, x, y, ["joint"], [0.2, 0.05], changes=changes, unbounded_eps=1.0)
     json.dumps(out)  # serialisable as is
-    assert [row["eps"] for row in out["per_eps"]] == [0.05, 0.2]
-    for row in out["per_eps"]:
+    assert out["defense"] == "fm" and out["eps"] == [0.05, 0.2]
+    res = out["attacks"]["joint"]
+    assert res["params"]["steps"] == 10 and res["params"]["kappa"] == 0.0
+    assert [row["eps"] for row in res["per_eps"]] == [0.05, 0.2]
+    for row in res["per_eps"]:
         assert row["robust_accuracy_with_rejection"] + row["attack_success"] == pytest.approx(1)
         assert row["linf"] <= row["eps"] + 1e-6
+        assert sum(row["actions"].values()) == len(x)
     assert out["clean"]["accept_rate"] == 1.0 and out["clean"]["attack_success"] == 0.0
-    s = out["sanity"]
+    s = res["sanity"]
     assert s["success_non_decreasing_in_eps"] and s["more_budget_within_2se"]
     assert s["more_restarts_not_lower"] and s["success_double_restarts"] >= s["success_by_eps"][-1]
     assert s["undefended_reaches_100"] and s["success_unbounded"] == 1.0
@@ -121,12 +142,26 @@ def test_evaluate_adaptive_is_json_and_its_sanity_checks_hold(defense: FMDefense
 def test_a_second_restart_only_adds_successes(defense: FMDefense) -> None:
     """The first of two restarts repeats the one-restart run, so no input it fooled is lost."""
     x, y = toy_inputs()
-    cfg = AdaptiveConfig(eps=0.15, steps=10, kappa=0.0)
-    one = make_attack("joint", defense, cfg).run(x, y)
-    two = make_attack("joint", defense, cfg.with_restarts(2)).run(x, y)
+    attack = make_attack("joint", defense, eps=0.15, steps=10, kappa=0.0)
+    one = attack.run(x, y)
+    two = attack.with_restarts(2).run(x, y)
+    assert attack.with_restarts(2).params["restarts"] == 2 and attack.restartable
     assert 0 < int(one.success.sum()) < len(x)  # room to add, something to lose
     assert bool((two.success | ~one.success).all())
     assert torch.equal(two.x_adv[one.success], one.x_adv[one.success])
+
+
+def test_budget_and_parameters_of_each_attack_are_its_own(defense: FMDefense) -> None:
+    joint = make_attack("joint", defense)
+    assert joint.with_budget(2).params["steps"] == 200 and joint.with_budget(2).budget == 2
+    assert make_attack("square", defense).with_budget(2).params["queries"] == 400
+    cw = make_attack("cw_transfer", defense)
+    assert "restarts" not in cw.params and not cw.restartable
+    assert cw.with_budget(3).params["steps"] == 300
+    for name, cls in ADAPTIVE_ATTACKS.items():
+        assert cls.name == name
+    with pytest.raises(InputError, match="no parameter"):
+        joint.replace(queries=5)  # square's, not joint's
 
 
 def test_bad_inputs_raise_clear_errors(defense: FMDefense) -> None:
@@ -134,51 +169,54 @@ def test_bad_inputs_raise_clear_errors(defense: FMDefense) -> None:
     with pytest.raises(InputError, match="unknown adaptive attack"):
         make_attack("pgd9000", defense)
     with pytest.raises(InputError, match="eps"):
-        AdaptiveConfig(eps=0.0)
+        make_attack("joint", defense, eps=0.0)
     with pytest.raises(InputError, match="schedule"):
-        AdaptiveConfig(schedule="linear")
+        make_attack("joint", defense, schedule="linear")
     with pytest.raises(InputError, match="steps"):
-        AdaptiveConfig(steps=0)
+        make_attack("joint", defense, steps=0)
+    with pytest.raises(InputError, match="morph_source"):
+        make_attack("joint", defense, morph_source="mine")
+    with pytest.raises(TypeError):
+        make_attack("joint", defense, queries=5)  # not a parameter of joint
     with pytest.raises(InputError, match=r"\[0, 1\]"):
-        run_adaptive("joint", defense, x * 3, y, FAST)
+        run_adaptive("joint", defense, x * 3, y, **PGD)
     with pytest.raises(InputError, match="y must have shape"):
-        run_adaptive("joint", defense, x, y[:3], FAST)
+        run_adaptive("joint", defense, x, y[:3], **PGD)
     with pytest.raises(InputError, match="pass a fitted one"):
-        make_attack("joint", None, classifier=ToyClassifier(), vae=ToyVAE())
+        make_attack("joint", None, classifier=ToyClassifier())
     unfitted = FMDefense(ToyClassifier(), ToyVAE(), FMDefenseConfig(n_morphs=5))
     with pytest.raises(NotFittedError, match="fit"):
         make_attack("joint", unfitted)
     with pytest.raises(InputError, match="another class"):
-        run_adaptive("latent", defense, x[:2], y[:2], FAST)  # the pool holds one class only
-    with pytest.raises(InputError, match="eps_list"):
-        evaluate_adaptive(defense, x, y, "joint", [])
+        run_adaptive("latent", defense, x[:2], y[:2], **PGD)  # the pool holds one class only
+    with pytest.raises(InputError, match="eps"):
+        run_sweep(defense, x, y, ["joint"], [])
     # undefended needs no defense at all
-    und = make_attack("undefended", None, FAST, classifier=ToyClassifier())
+    und = make_attack("undefended", None, classifier=ToyClassifier(), **PGD)
     assert bool(und.run(x, y).success.all())
 
 
-def test_helpers_margins_projection_schedule_and_morph_codes() -> None:
+def test_helpers_margins_projection_schedule_and_differentiable_morph_codes() -> None:
     logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 5.0]])
     y = torch.tensor([0, 1])
     assert margin(logits, y, 100.0).tolist() == [2.0, -3.0]
     assert margin(logits, y, 1.0).tolist() == [2.0, -1.0]  # capped at −κ
     assert targeted_margin(logits, torch.tensor([1, 2]), 100.0).tolist() == [2.0, -3.0]
     x = torch.full((1, 1, 2, 2), 0.98)
-    assert float(project(x + 0.5, x, 0.05).max()) == 1.0  # the box cuts the ball
-    assert float(project(x - 0.5, x, 0.05).min()) == pytest.approx(0.93)
-    cfg = AdaptiveConfig(eps=0.4, steps=8)
-    assert [step_size(cfg, t) for t in (0, 2, 4, 6, 7)] == pytest.approx(
+    assert float(project_linf(x + 0.5, x, 0.05).max()) == 1.0  # the box cuts the ball
+    assert float(project_linf(x - 0.5, x, 0.05).min()) == pytest.approx(0.93)
+    clf = ToyClassifier()
+    halving = make_attack("undefended", classifier=clf, eps=0.4, steps=8)
+    assert [halving.step_size_at(t) for t in (0, 2, 4, 6, 7)] == pytest.approx(
         [0.1, 0.05, 0.025, 0.0125, 0.0125]
     )
-    cos = AdaptiveConfig(eps=0.4, steps=8, schedule="cosine")
-    assert step_size(cos, 0) == pytest.approx(0.1) and step_size(cos, 7) < 0.01
-    codes, idx, deltas = torch.randn(3, 5), torch.tensor([1, 4]), torch.randn(3, 2, 6)
-    assert torch.allclose(shift_codes(codes, idx, deltas), morph_codes(codes, idx, deltas))
-    maps = torch.randn(2, 3, 2, 2)  # feature-map codes move as whole channels
-    d = torch.randn(2, 1, 4)
-    assert torch.allclose(
-        shift_codes(maps, torch.tensor([2]), d), morph_codes(maps, torch.tensor([2]), d)
-    )
+    cos = make_attack("undefended", classifier=clf, eps=0.4, steps=8, schedule="cosine")
+    assert cos.step_size_at(0) == pytest.approx(0.1) and cos.step_size_at(7) < 0.01
+    # the joint attack shifts codes with the defense's own morph_codes: differentiable in codes
+    codes = torch.randn(3, 5, requires_grad=True)
+    shifted = morph_codes(codes, torch.tensor([1, 4]), torch.randn(3, 2, 6))
+    shifted.sum().backward()
+    assert codes.grad is not None and torch.equal(codes.grad, torch.full((3, 5), 12.0))
 
 
 def test_double_budget_check_tolerates_two_standard_errors_only() -> None:

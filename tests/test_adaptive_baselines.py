@@ -17,30 +17,26 @@ import pytest
 import torch
 from torch import nn
 
-from fmdefense.attacks import adaptive_commands
+import fmdefense.attacks.adaptive.sweep as sweep
 from fmdefense.attacks.adaptive import (
     ADAPTIVE_ATTACKS,
-    AdaptiveConfig,
     PGDAttack,
     attacks_for,
-    default_config,
-    evaluate_adaptive,
     make_attack,
     run_adaptive,
+    run_sweep,
 )
-from fmdefense.attacks.defended import (
-    DefenseGANDefended,
-    FMDefended,
-    MagNetDefended,
-    as_defended,
-    outcome_rates,
-    rates_from_labels,
-)
+from fmdefense.attacks.adaptive.jobs import load_inputs
+from fmdefense.attacks.defended import outcomes
 from fmdefense.cli import main
 from fmdefense.core.errors import InputError, NotFittedError
 from fmdefense.defenses.base import REJECT_LABEL
-from fmdefense.defenses.defense_gan import DefenseGAN, DefenseGANConfig
-from fmdefense.defenses.magnet import MagNet, MagNetConfig, train_magnet
+from fmdefense.defenses.defense_gan import DefenseGAN
+from fmdefense.defenses.magnet import MagNet
+from fmdefense.defenses.rule import outcome_rates
+from fmdefense.models.gan import DefenseGANConfig, Generator
+from fmdefense.models.magnet import MagNetAutoencoders, MagNetConfig
+from fmdefense.training.magnet import train_magnet
 
 COL = (torch.arange(8.0) - 3.5) / 3.5
 SLOPES = [-0.6, -0.5, -0.4, -0.35, -0.3, 0.3, 0.35, 0.4, 0.5, 0.6]
@@ -87,10 +83,9 @@ def magnet() -> MagNet:
     gen = torch.Generator().manual_seed(0)
     x = ramps(torch.rand(256, generator=gen) * 2 - 1)
     cfg = MagNetConfig(image_size=(8, 8), epochs=20, batch_size=32, drop_rate=0.02, lr=1e-2)
-    torch.manual_seed(0)
-    model = MagNet(cfg)
-    train_magnet(model, x, torch.device("cpu"))
-    return model.eval().fit_thresholds(x)
+    aes = MagNetAutoencoders(cfg)
+    train_magnet(aes, x, torch.device("cpu"))
+    return MagNet(RampClassifier(), aes, cfg).fit(x)
 
 
 TINY_GAN = DefenseGANConfig(
@@ -102,33 +97,32 @@ TINY_GAN = DefenseGANConfig(
 def gan() -> DefenseGAN:
     """A random (untrained) tiny generator with its threshold fitted on ramps."""
     gen = torch.Generator().manual_seed(1)
-    model = DefenseGAN(dataclasses.replace(TINY_GAN, drop_rate=0.1)).eval()
-    return model.fit_thresholds(ramps(torch.rand(20, generator=gen) * 2 - 1))
+    cfg = dataclasses.replace(TINY_GAN, drop_rate=0.1)
+    model = DefenseGAN(RampClassifier(), Generator(cfg).eval(), cfg)
+    return model.fit(ramps(torch.rand(20, generator=gen) * 2 - 1))
 
 
-def accepted_wrong(target: MagNetDefended, x_adv: torch.Tensor, y: torch.Tensor) -> int:
-    label = target.labels(x_adv)
+def accepted_wrong(defense: MagNet, x_adv: torch.Tensor, y: torch.Tensor) -> int:
+    label = defense.predict(x_adv)
     return int(((label != REJECT_LABEL) & (label != y)).sum())
 
 
 def test_magnet_joint_beats_plain_pgd_against_magnet(magnet: MagNet) -> None:
     x, y = toy_inputs()
-    clf = RampClassifier()
-    target = MagNetDefended(magnet, clf)
-    assert bool((target.labels(x) == y).all())  # clean ramps: accepted, reformed correctly
-    cfg = AdaptiveConfig(eps=0.3, steps=30, kappa=0.0)
-    plain = run_adaptive("undefended", magnet, x, y, cfg, classifier=clf)  # PGD on C alone
-    joint = run_adaptive("magnet_joint", magnet, x, y, cfg, classifier=clf)
+    assert bool((magnet.predict(x) == y).all())  # clean ramps: accepted, reformed correctly
+    params = {"eps": 0.3, "steps": 30, "kappa": 0.0}
+    plain = run_adaptive("undefended", magnet, x, y, **params)  # PGD on C alone
+    joint = run_adaptive("magnet_joint", magnet, x, y, **params)
     assert bool(plain.success.all())  # it fools the bare classifier every time ...
     n_plain, n_joint = (
-        accepted_wrong(target, plain.x_adv, y),
-        accepted_wrong(target, joint.x_adv, y),
+        accepted_wrong(magnet, plain.x_adv, y),
+        accepted_wrong(magnet, joint.x_adv, y),
     )
     assert n_plain <= 2  # ... but its noise trips the detectors (or the reformer undoes it)
     assert n_joint >= n_plain + 6  # through the reformer, under the thresholds: accepted, wrong
-    judged = (target.labels(joint.x_adv) != y) & ~magnet.detect(joint.x_adv)
+    judged = (magnet.predict(joint.x_adv) != y) & ~magnet.detect(joint.x_adv)
     assert torch.equal(joint.success, judged)  # its flags are MagNet's own verdict
-    assert float((joint.x_adv - x).abs().max()) <= cfg.eps + 1e-6
+    assert float((joint.x_adv - x).abs().max()) <= params["eps"] + 1e-6
 
 
 @pytest.mark.parametrize("starts", ["defense", "fresh"])
@@ -136,24 +130,20 @@ def test_bpda_on_a_tiny_random_defense_gan_stays_in_the_ball_and_box(
     gan: DefenseGAN, starts: str
 ) -> None:
     x, y = toy_inputs()
-    clf = RampClassifier()
-    cfg = default_config("defensegan_bpda", eps=0.1, steps=4, check_every=2, bpda_starts=starts)
-    assert cfg.steps == 4 and default_config("defensegan_bpda").steps == 40  # fewer by default
-    result = run_adaptive("defensegan_bpda", gan, x, y, cfg, classifier=clf)
+    attack = make_attack("defensegan_bpda", gan, eps=0.1, steps=4, check_every=2, starts=starts)
+    assert attack.params["steps"] == 4 and make_attack("defensegan_bpda", gan).steps == 40
+    result = attack.run(x, y)
     assert result.x_adv.shape == x.shape
     assert float(result.x_adv.min()) >= 0.0 and float(result.x_adv.max()) <= 1.0
-    assert float((result.x_adv - x).abs().max()) <= cfg.eps + 1e-6
+    assert float((result.x_adv - x).abs().max()) <= 0.1 + 1e-6
     # its flags are Defense-GAN's own verdict on the returned set, judged in the same order
-    label = DefenseGANDefended(gan, clf).labels(result.x_adv)
+    label = gan.predict(result.x_adv)
     assert torch.equal(result.success, (label != y) & (label != REJECT_LABEL))
 
 
 def test_bpda_moves_the_input_where_the_defense_does_not_already_fail(gan: DefenseGAN) -> None:
     x, y = toy_inputs()
-    clf = RampClassifier()
-    attack = make_attack(
-        "defensegan_bpda", gan, default_config("defensegan_bpda", eps=0.1, steps=3), classifier=clf
-    )
+    attack = make_attack("defensegan_bpda", gan, eps=0.1, steps=3)
     attack.success_at = lambda xa, ya, idx: torch.zeros(len(xa), dtype=torch.bool)  # type: ignore[method-assign]
     result = attack.run(x, y)  # never "fooled": every input takes every step
     moved = (result.x_adv - x).abs().flatten(1).amax(1)
@@ -162,46 +152,47 @@ def test_bpda_moves_the_input_where_the_defense_does_not_already_fail(gan: Defen
 
 def test_one_rule_on_hard_decisions() -> None:
     y = torch.tensor([0, 1, 2, 3])
-    row = rates_from_labels(torch.tensor([0, REJECT_LABEL, 1, 3]), y)
+    row = outcome_rates(torch.tensor([0, REJECT_LABEL, 1, 3]), y)
     assert row["robust_accuracy_with_rejection"] == 0.75  # right, rejected, right: safe
     assert row["attack_success"] == 0.25  # labelled, not rejected, wrong
     assert row["accept_rate"] == 0.75 and row["rejected"] == 1
     assert row["labelled_right"] == 2 and row["labelled_wrong"] == 1
 
 
-def test_adapters_agree_with_each_defense_and_evaluate_is_json(
+def test_one_judgement_for_every_defense_and_the_sweep_is_json(
     magnet: MagNet, gan: DefenseGAN
 ) -> None:
     from tests.test_adaptive import toy_defense
     from tests.test_adaptive import toy_inputs as fm_inputs
 
     x, y = toy_inputs()
-    clf = RampClassifier()
-    m = as_defended(magnet, clf)
-    assert isinstance(m, MagNetDefended) and torch.equal(m.labels(x), magnet.predict(clf, x))
-    g = as_defended(gan, clf)
-    assert isinstance(g, DefenseGANDefended) and torch.equal(g.labels(x), gan.predict(clf, x))
     fm = toy_defense()
     fx, fy = fm_inputs()
-    f = as_defended(fm)
-    assert isinstance(f, FMDefended) and torch.equal(f.labels(fx), fm.predict(fx))
-    assert outcome_rates(fm, fx, fy)["accept_rate"] == pytest.approx(
-        float((fm.predict(fx) != REJECT_LABEL).float().mean())
-    )
-    with pytest.raises(InputError, match="classifier it protects"):
-        as_defended(magnet)
+    for defense, (xs, ys) in ((magnet, (x, y)), (gan, (x, y)), (fm, (fx, fy))):
+        row = outcomes(defense, xs, ys)
+        dec = defense.decide(xs)
+        assert row["accept_rate"] == pytest.approx(
+            float((dec.label != REJECT_LABEL).float().mean())
+        )
+        assert row["actions"] == dec.counts() and set(row["mean_scores"]) == set(dec.scores)
+    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(3))
+    row = outcomes(magnet, noise, y)  # far off the ramps: the detectors count their flags
+    assert row["flagged_ae_i"] + row["flagged_ae_ii"] >= row["rejected"] > 0
     with pytest.raises(NotFittedError):
-        as_defended(MagNet(MagNetConfig(image_size=(8, 8))), clf)
+        cfg = MagNetConfig(image_size=(8, 8))
+        make_attack("magnet_joint", MagNet(RampClassifier(), MagNetAutoencoders(cfg), cfg))
     with pytest.raises(InputError, match="attacks MagNet"):
-        make_attack("magnet_joint", gan, classifier=clf)
+        make_attack("magnet_joint", gan)
     with pytest.raises(InputError, match="attacks FMDefense"):
-        make_attack("joint", magnet, classifier=clf)
-    cfg = AdaptiveConfig(steps=15, kappa=0.0)
-    out = evaluate_adaptive(magnet, x, y, "magnet_joint", [0.3, 0.05], config=cfg, classifier=clf)
+        make_attack("joint", magnet)
+    changes = {"steps": 15, "kappa": 0.0}
+    out = run_sweep(magnet, x, y, ["magnet_joint"], [0.3, 0.05], changes=changes)
     json.dumps(out)
     assert out["defense"] == "magnet" and out["clean"]["accept_rate"] == 1.0
-    assert [row["eps"] for row in out["per_eps"]] == [0.05, 0.3]
-    s = out["sanity"]
+    res = out["attacks"]["magnet_joint"]
+    assert res["params"]["restarts"] == 4  # its own default
+    assert [row["eps"] for row in res["per_eps"]] == [0.05, 0.3]
+    s = res["sanity"]
     assert s["success_non_decreasing_in_eps"] and s["more_budget_within_2se"]
     assert s["more_restarts_not_lower"] and s["undefended_reaches_100"] and s["passed"]
 
@@ -211,17 +202,26 @@ def test_registry_lists_the_baseline_attacks_by_defense() -> None:
     assert attacks_for("magnet") == ["cw_transfer", "undefended", "magnet_joint"]
     assert attacks_for("defensegan") == ["cw_transfer", "undefended", "defensegan_bpda"]
     assert "joint" in attacks_for("fm") and "magnet_joint" not in attacks_for("fm")
-    with pytest.raises(InputError, match="bpda_starts"):
-        AdaptiveConfig(bpda_starts="mine")
+    with pytest.raises(InputError, match="unknown defense"):
+        attacks_for("nope")
+
+
+def test_bpda_rejects_unknown_starts(gan: DefenseGAN) -> None:
+    with pytest.raises(InputError, match="starts"):
+        make_attack("defensegan_bpda", gan, starts="mine")
 
 
 def test_cli_resumes_without_recomputing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Real MNIST CLE images and the shipped classifier against an untrained 28×28 MagNet."""
-    x, _ = adaptive_commands.load_inputs("mnist", 8)
-    model = MagNet(MagNetConfig()).eval().fit_thresholds(x)
-    model.save(tmp_path / "magnet")
+    from fmdefense.core.paths import classifier_dir
+    from fmdefense.models.classifiers import Classifier
+
+    x, _ = load_inputs("mnist", 8)
+    clf = Classifier.load(classifier_dir("mnist"), torch.device("cpu"))
+    cfg = MagNetConfig()
+    MagNet(clf, MagNetAutoencoders(cfg), cfg).fit(x).save(tmp_path / "magnet")
     out = tmp_path / "adaptive"
     argv = [
         "adaptive",
@@ -256,7 +256,7 @@ def test_cli_resumes_without_recomputing(
         raise AssertionError("recomputed a finished unit")
 
     monkeypatch.setattr(PGDAttack, "_run", boom)  # both attacks run the shared PGD loop
-    monkeypatch.setattr(adaptive_commands, "outcome_rates", boom)  # the clean rates
+    monkeypatch.setattr(sweep, "outcomes", boom)  # the clean rates
     assert main(argv) == 0  # every unit is on disk with the same config
     second = json.loads((out / "summary.json").read_text())
     first.pop("seconds"), second.pop("seconds")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fmdefense.attacks.runner as runner
-from fmdefense.attacks.commands import default_out, register
+from fmdefense.attacks.jobs import default_out
 from fmdefense.attacks.library import (
     CWConfig,
     DeepFoolConfig,
@@ -24,6 +24,7 @@ from fmdefense.attacks.library import (
     run_attack,
 )
 from fmdefense.attacks.runner import TENSORS_FILE, attack_set, load_adversarial_set
+from fmdefense.cli_attack import register
 from fmdefense.core.artifacts import WEIGHTS_FILE
 from fmdefense.core.errors import ArtifactError, InputError
 from fmdefense.data import DEFAULT_SPLITS, SplitConfig

@@ -1,4 +1,5 @@
-"""Defense-GAN baseline on tiny 8×8 data: shapes, search, fit/detect/save/load, WGAN-GP training."""
+"""Defense-GAN on tiny 8×8 data: networks, search, the contract (fit/score/decide/save/load),
+WGAN-GP training and resuming, seeded init, and the shipped MNIST artifact still loading."""
 
 from __future__ import annotations
 
@@ -10,18 +11,17 @@ import pytest
 import torch
 from torch import nn
 
-from fmdefense.core.artifacts import RESUME_FILE, load_resume_state
+from fmdefense.core.artifacts import RESUME_FILE, WEIGHTS_FILE, load_resume_state, load_tensors
 from fmdefense.core.errors import InputError, NotFittedError
-from fmdefense.defenses.defense_gan import (
-    Critic,
-    DefenseGAN,
-    DefenseGANConfig,
-    Generator,
-    gradient_penalty,
-    train_defense_gan,
-)
+from fmdefense.core.paths import REPO_ROOT
+from fmdefense.defenses.base import REJECT
+from fmdefense.defenses.defense_gan import DefenseGAN
+from fmdefense.models.gan import Critic, DefenseGANConfig, Generator
+from fmdefense.models.seeding import seeded
+from fmdefense.training.defense_gan import gradient_penalty, train_defense_gan
 
 CPU = torch.device("cpu")
+SHIPPED = REPO_ROOT / "weights" / "mnist" / "defense_gan"
 TINY = DefenseGANConfig(
     image_size=(8, 8),
     z_dim=8,
@@ -50,6 +50,15 @@ def _images(n: int, seed: int = 0) -> torch.Tensor:
     return torch.rand((n, 1, 8, 8), generator=gen)
 
 
+def _classifier() -> nn.Module:
+    with seeded(0):
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+
+
+def _gan(cfg: DefenseGANConfig = TINY, generator: Generator | None = None) -> DefenseGAN:
+    return DefenseGAN(_classifier(), generator or Generator(cfg).eval(), cfg)
+
+
 def test_networks_and_projection_have_the_documented_shapes() -> None:
     cfg = DefenseGANConfig()  # MNIST: 128 → 28×28
     g = Generator(cfg).eval()
@@ -60,63 +69,97 @@ def test_networks_and_projection_have_the_documented_shapes() -> None:
     with torch.no_grad():
         assert Critic(cfg)(out).shape == (3,)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in Critic(cfg).modules())
-    model = DefenseGAN(TINY).eval()
+    model = _gan()
     p = model.project(_images(5))
     assert p.z.shape == (5, TINY.z_dim)
     assert p.recon.shape == (5, 1, 8, 8)
     assert p.error.shape == (5,)
     # the error is ‖G(z*) − x‖² of the returned code and reconstruction
-    assert torch.allclose(p.error, (model.generator(p.z) - _images(5)).pow(2).sum((1, 2, 3)))
-    assert torch.allclose(p.recon, model.generator(p.z))
+    with torch.no_grad():
+        again = model.generator(p.z)
+    assert torch.allclose(p.error, (again - _images(5)).pow(2).sum((1, 2, 3)))
+    assert torch.allclose(p.recon, again)
+
+
+def test_network_init_is_seeded_by_the_config() -> None:
+    a, b = Generator(TINY).state_dict(), Generator(TINY).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = Generator(dataclasses.replace(TINY, seed=1)).state_dict()
+    assert not torch.equal(a["fc.0.weight"], other["fc.0.weight"])
+    c1, c2 = Critic(TINY).state_dict(), Critic(TINY).state_dict()
+    assert all(torch.equal(c1[k], c2[k]) for k in c1)
 
 
 def test_search_reduces_the_reconstruction_error_of_its_random_starts() -> None:
-    model = DefenseGAN(TINY).eval()
-    start = DefenseGAN(dataclasses.replace(TINY, search_steps=0))
-    start.load_state_dict(model.state_dict())
-    start.eval()
+    model = _gan()
+    start = _gan(dataclasses.replace(TINY, search_steps=0), model.generator)
     with torch.no_grad():  # targets the generator can make, from codes the search never sees
         x = model.generator(torch.randn(12, TINY.z_dim, generator=torch.Generator().manual_seed(5)))
-    before, after = start.score(x), model.score(x)  # same seeded starts; best of R each
+    before, after = start.project(x).error, model.project(x).error  # same seeded starts
     assert bool((after < before).all())
     assert float(after.mean()) < 0.5 * float(before.mean())
     # uniform noise lies far off the generator's range: its error stays far larger
-    assert float(model.score(_images(12)).mean()) > 100 * float(after.mean())
+    assert float(model.project(_images(12)).error.mean()) > 100 * float(after.mean())
 
 
-def test_scores_are_seeded_and_independent_of_the_search_batching() -> None:
+def test_search_is_seeded_and_independent_of_the_search_batching() -> None:
     x = _images(10)
-    a = DefenseGAN(TINY).eval()
-    b = DefenseGAN(dataclasses.replace(TINY, search_batch_size=3)).eval()
-    assert torch.equal(a.score(x), a.score(x))
-    assert torch.allclose(a.score(x), b.score(x), rtol=1e-4, atol=1e-5)
+    a = _gan()
+    b = _gan(dataclasses.replace(TINY, search_batch_size=3), a.generator)
+    assert torch.equal(a.project(x).error, a.project(x).error)
+    assert torch.allclose(a.project(x).error, b.project(x).error, rtol=1e-4, atol=1e-5)
 
 
-def test_fit_detect_predict_and_save_load_round_trip(tmp_path: Path) -> None:
-    model = DefenseGAN(TINY).eval()
+def test_fit_decide_and_save_load_round_trip(tmp_path: Path) -> None:
+    model = _gan()
     x_val, x = _images(20, seed=1), _images(6, seed=2)
-    with pytest.raises(NotFittedError):
-        model.detect(x)
-    with pytest.raises(NotFittedError):
-        model.predict(nn.Flatten(), x)
-    assert model.fit_thresholds(x_val) is model
+    for method in (model.detect, model.predict, model.score, model.decide):
+        with pytest.raises(NotFittedError):
+            method(x)
+    assert model.fit(x_val) is model
     assert model.val_fpr_ <= TINY.drop_rate
     noise = torch.bernoulli(torch.full((6, 1, 8, 8), 0.5), generator=torch.Generator())
-    flagged = model.detect(noise)
-    assert flagged.dtype == torch.bool and flagged.shape == (6,)
-    clf = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
-    labels = model.predict(clf, noise)
-    assert bool(((labels == -1) == flagged).all())
-    assert bool((labels[~flagged] >= 0).all())
+    dec = model.decide(noise)  # one search: scores, flags and labels agree
+    error = dec.scores["reconstruction_error"]
+    assert torch.equal(error, model.project(noise).error)
+    assert torch.equal(dec.action == REJECT, error > model.threshold_)
+    assert bool((dec.label[error <= model.threshold_] >= 0).all())
+    with torch.no_grad():
+        recon_labels = model.classifier(model.project(noise).recon).argmax(1)
+    accepted = error <= model.threshold_
+    assert torch.equal(dec.label[accepted], recon_labels[accepted])  # C(G(z*))
     model.save(tmp_path / "dg")
-    back = DefenseGAN.load(tmp_path / "dg")
-    assert back.cfg == model.cfg
-    assert torch.equal(back.threshold, model.threshold)
-    assert torch.equal(back.score(x), model.score(x))
-    assert torch.equal(back.reconstruct(x), model.purify(x))
-    assert torch.equal(back.predict(clf, noise), labels)
-    scores, labels_too = back.score_and_predict(clf, noise)
-    assert torch.equal(scores, model.score(noise)) and torch.equal(labels_too, labels)
+    back = DefenseGAN.load(tmp_path / "dg", model.classifier)
+    assert back.config == model.config and back.threshold_ == model.threshold_
+    assert back.val_fpr_ == model.val_fpr_
+    assert torch.equal(
+        back.score(x)["reconstruction_error"], model.score(x)["reconstruction_error"]
+    )
+    assert torch.equal(back.project(x).recon, model.project(x).recon)
+    assert torch.equal(back.predict(noise), dec.label)
+    with pytest.raises(InputError, match="no other models"):
+        DefenseGAN.load(tmp_path / "dg", model.classifier, vae=object())
+
+
+def test_the_shipped_mnist_artifact_loads_with_its_tensor_names(tmp_path: Path) -> None:
+    """weights/mnist/defense_gan, written before the split, loads as the defense; saving it
+    again writes the same tensors under the same names (generator.*, threshold)."""
+    from fmdefense.core.paths import classifier_dir
+    from fmdefense.models.classifiers import Classifier
+
+    clf = Classifier.load(classifier_dir("mnist"), CPU)
+    gan = DefenseGAN.load(SHIPPED, clf)
+    stored = load_tensors(SHIPPED / WEIGHTS_FILE)
+    assert gan.is_fitted and gan.threshold_ == float(stored["threshold"])
+    mine = gan.state_dict()
+    assert set(mine) == set(stored) and all(torch.equal(mine[k], stored[k]) for k in stored)
+    gan.save(tmp_path / "again")
+    again = load_tensors(tmp_path / "again" / WEIGHTS_FILE)
+    assert all(torch.equal(again[k], stored[k]) for k in stored)
+    fast = DefenseGAN(clf, gan.generator, dataclasses.replace(gan.config, search_steps=5))
+    fast.threshold_, fast.val_fpr_ = gan.threshold_, gan.val_fpr_
+    dec = fast.decide(torch.zeros(2, 1, 28, 28).index_fill_(3, torch.tensor([13, 14]), 1.0))
+    assert dec.label.shape == (2,)
 
 
 @pytest.mark.parametrize(
@@ -131,9 +174,9 @@ def test_fit_detect_predict_and_save_load_round_trip(tmp_path: Path) -> None:
     ],
 )
 def test_bad_inputs_raise_input_error(bad: torch.Tensor) -> None:
-    model = DefenseGAN(TINY)
+    model = _gan()
     with pytest.raises(InputError):
-        model.score(bad)
+        model.project(bad)
 
 
 def test_config_rejects_sizes_the_generator_cannot_make() -> None:
@@ -154,21 +197,27 @@ def test_gradient_penalty_of_a_linear_critic_is_its_weight_norm_minus_one_square
     assert critic[1].weight.grad is not None and float(critic[1].weight.grad.abs().sum()) > 0
 
 
-def test_one_epoch_trains_and_resumes_to_the_same_weights(tmp_path: Path) -> None:
+def test_one_epoch_trains_resumes_to_the_same_weights_and_is_seeded(tmp_path: Path) -> None:
     x = _images(64)
-    model = DefenseGAN(TINY)
-    history = train_defense_gan(model, x, CPU, tmp_path / "a")
+    g = Generator(TINY)
+    history = train_defense_gan(g, x, CPU, tmp_path / "a")
     (row,) = history
     assert row["critic_steps"] == 4 and row["generator_steps"] == 2
     assert row["gp"] > 0
     assert all(torch.isfinite(torch.tensor(v)) for v in row.values())
     state = load_resume_state(tmp_path / "a")  # safetensors + JSON header, no pickle
     assert state is not None and state["epoch"] == 1
+    twin = Generator(TINY)  # the same command again: the same weights
+    train_defense_gan(twin, x, CPU)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(g.state_dict().values(), twin.state_dict().values(), strict=True)
+    )
     # one more epoch on top of the resume state equals two epochs in one go
     two = dataclasses.replace(TINY, epochs=2)
-    resumed = DefenseGAN(two)
+    resumed = Generator(two)
     h_resumed = train_defense_gan(resumed, x, CPU, tmp_path / "a")
-    straight = DefenseGAN(two)
+    straight = Generator(two)
     h_straight = train_defense_gan(straight, x, CPU, tmp_path / "b")
     assert len(h_resumed) == 2 and h_resumed[0] == row
     assert h_resumed[1]["wasserstein"] == pytest.approx(h_straight[1]["wasserstein"])
@@ -177,4 +226,4 @@ def test_one_epoch_trains_and_resumes_to_the_same_weights(tmp_path: Path) -> Non
     ):
         assert torch.allclose(a, b, atol=1e-6, equal_nan=True), name
     assert (tmp_path / "a" / RESUME_FILE).is_file()
-    assert not resumed.generator.training  # left in eval mode for the search
+    assert not resumed.training  # left in eval mode for the search

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import fmdefense.evaluation.baselines as baselines
+import fmdefense.evaluation.fm_stage as fm_stage
 import fmdefense.evaluation.pipeline as pipeline
 from fmdefense.defenses.fm.detector import FMDefense
 from fmdefense.evaluation.report import (
@@ -65,10 +67,10 @@ def test_report_table_equals_results_and_a_rerun_reuses_stages(
     def must_not_run(*args: object, **kwargs: object) -> None:
         raise AssertionError("a finished stage was recomputed")
 
-    monkeypatch.setattr(pipeline, "attack_set", must_not_run)
+    monkeypatch.setattr(fm_stage, "attack_set", must_not_run)
     monkeypatch.setattr(FMDefense, "fit", must_not_run)
     monkeypatch.setattr(FMDefense, "resistance", must_not_run)
-    monkeypatch.setattr(pipeline, "run_train_magnet", must_not_run)
+    monkeypatch.setattr(baselines, "run_train_magnet", must_not_run)
     again = _run(tmp_path / "run")
     assert again["table2"] == first["table2"]
 

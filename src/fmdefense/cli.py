@@ -22,8 +22,8 @@ log = logging.getLogger("fmdefense")
 DATASETS = ("mnist", "fmnist", "orl", "celeba")
 # Modules that add their own subcommands; one line each.
 COMMAND_MODULES: list[str] = [
-    "fmdefense.attacks.commands",
-    "fmdefense.attacks.adaptive_commands",
+    "fmdefense.cli_attack",
+    "fmdefense.cli_adaptive",
 ]
 
 

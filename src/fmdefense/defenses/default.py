@@ -333,7 +333,7 @@ class DefaultDefense(Defense):
 
 def _autoencoders(t: dict[str, torch.Tensor], channels: int) -> tuple[nn.Module, nn.Module]:
     """MagNet's autoencoder architectures filled with the saved weights."""
-    from fmdefense.defenses.magnet import autoencoder_i, autoencoder_ii
+    from fmdefense.models.magnet import autoencoder_i, autoencoder_ii
 
     pair = (autoencoder_i(channels), autoencoder_ii(channels))
     for prefix, ae in zip(("ae_i.", "ae_ii."), pair, strict=True):

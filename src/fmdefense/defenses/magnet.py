@@ -1,149 +1,139 @@
-"""MagNet (Meng & Chen 2017), from its paper: two autoencoders trained on clean data with noise.
+"""MagNet (Meng & Chen 2017) on the one defense contract.
 
-- Detector I: reconstruction error ‖x − AE_I(x)‖₂ (mean squared over pixels, p = 2).
-- Detector II: ‖x − AE_II(x)‖₁ (mean absolute, p = 1).
-- Thresholds: each detector's VAL false-positive ("drop") rate ≤ 0.001.
-- Reformer: AE_I's reconstruction feeds the classifier.
+- Detector I: reconstruction error of autoencoder I (mean squared over pixels, p = 2).
+- Detector II: reconstruction error of autoencoder II (mean absolute, p = 1).
+- Thresholds τ_j: each detector's VAL false-positive ("drop") rate ≤ `drop_rate` (0.001).
+- Reformer: an accepted input gets the label of AE_I(x); a flagged one is rejected.
 The probability-divergence detectors (temperature T) are not included.
+
+magnet = MagNet(classifier, MagNetAutoencoders(cfg), cfg)   # networks from models.magnet
+magnet.fit(x_val)                # τ_j
+magnet.score(x)                  # {"ae_i": e_1/τ_1, "ae_ii": e_2/τ_2}: flagged above 1
+magnet.decide(x)                 # reject if either flags, else accept with C(AE_I(x))
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from fmdefense.core.artifacts import load_module, save_artifact
-from fmdefense.core.errors import NotFittedError
-from fmdefense.core.validation import check_images
-from fmdefense.defenses.base import REJECT_LABEL
+from fmdefense.core.artifacts import save_artifact
+from fmdefense.core.paths import classifier_dir
+from fmdefense.core.provenance import provenance
+from fmdefense.defenses.base import Decision, Defense
+from fmdefense.defenses.calibration import drop_rate_threshold, read_network_artifact
+from fmdefense.defenses.rule import apply_rule
+from fmdefense.models.magnet import MagNetAutoencoders, MagNetConfig
 
-log = logging.getLogger(__name__)
 KIND = "magnet"
+SCORES = ("ae_i", "ae_ii")  # detector I, detector II
 
 
-@dataclass(frozen=True)
-class MagNetConfig:
-    """MagNet's MNIST settings (noise 0.1, drop rate 0.001), fewer epochs than its 100."""
+class MagNet(Defense):
+    """Both autoencoders, the two detectors' thresholds and the reformer around a classifier.
 
-    in_channels: int = 1
-    image_size: tuple[int, int] = (28, 28)
-    noise: float = 0.1
-    drop_rate: float = 0.001
-    epochs: int = 10
-    batch_size: int = 256
-    lr: float = 1e-2  # all-sigmoid autoencoders crawl at 1e-3 (13.5 % reformer accuracy after
-    # 3 epochs on MNIST); at 1e-2 the reformer keeps 97.4 % of 1,000 CLE images after 3 epochs
-    seed: int = 0
+    Scores are each detector's error relative to its threshold, e_j/τ_j (flagged above 1), so
+    they need `fit`; the raw errors (n, 2) are `errors(x)`, available before it.
+    """
 
+    name = "magnet"
+    kind = KIND
+    fitted_attribute = "thresholds_"
 
-def _conv(c_in: int, c_out: int) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, 3, 1, 1), nn.Sigmoid()]
-
-
-def autoencoder_i(c: int) -> nn.Sequential:
-    """MagNet's MNIST detector/reformer I: conv-pool-conv / conv-upsample-conv, 3 channels."""
-    return nn.Sequential(
-        *_conv(c, 3),
-        nn.AvgPool2d(2),
-        *_conv(3, 3),
-        *_conv(3, 3),
-        nn.Upsample(scale_factor=2),
-        *_conv(3, 3),
-        *_conv(3, c),
-    )
-
-
-def autoencoder_ii(c: int) -> nn.Sequential:
-    """MagNet's MNIST detector II: three 3×3 convolutions."""
-    return nn.Sequential(*_conv(c, 3), *_conv(3, 3), *_conv(3, c))
-
-
-class MagNet(nn.Module):
-    """Both autoencoders, the two detectors' thresholds and the reformer."""
-
-    thresholds: torch.Tensor  # (2,) buffer, NaN until fitted
-
-    def __init__(self, cfg: MagNetConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.ae1 = autoencoder_i(cfg.in_channels)
-        self.ae2 = autoencoder_ii(cfg.in_channels)
-        self.register_buffer("thresholds", torch.full((2,), float("nan")))
+    def __init__(
+        self, classifier: nn.Module, autoencoders: MagNetAutoencoders, config: MagNetConfig
+    ) -> None:
+        self.classifier = classifier
+        self.autoencoders = autoencoders
+        self.config = config
 
     @torch.no_grad()
-    def errors(self, x: torch.Tensor) -> torch.Tensor:
-        """Reconstruction errors (n, 2): mean squared (AE I) and mean absolute (AE II)."""
-        check_images(x, channels=self.cfg.in_channels, size=self.cfg.image_size)
-        e1 = (self.ae1(x) - x).pow(2).flatten(1).mean(1)
-        e2 = (self.ae2(x) - x).abs().flatten(1).mean(1)
-        return torch.stack([e1, e2], 1)
+    def _outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(errors (n, 2), C(x), C(AE_I(x))) for validated images, batched, on the CPU."""
+        errors, labels, reformed_labels = [], [], []
+        self.autoencoders.eval()
+        for i in range(0, len(x), self.config.batch_size):
+            xb = x[i : i + self.config.batch_size].to(self.device)
+            reformed, e = self.autoencoders(xb)
+            errors.append(e.cpu())
+            labels.append(self.classifier(xb).argmax(1).cpu())
+            reformed_labels.append(self.classifier(reformed).argmax(1).cpu())
+        return torch.cat(errors), torch.cat(labels), torch.cat(reformed_labels)
 
-    def fit_thresholds(self, x_val: torch.Tensor) -> MagNet:
-        """Each detector's threshold at its VAL drop rate (flag errors strictly above it)."""
+    def errors(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw reconstruction errors (n, 2): mean squared (AE I), mean absolute (AE II)."""
+        return self._outputs(self._check(x))[0]
+
+    def fit(self, x_val: torch.Tensor, y_val: torch.Tensor | None = None) -> MagNet:
+        """Each detector's threshold at the VAL drop rate (flag errors strictly above it)."""
         e = self.errors(x_val)
-        allowed = int(self.cfg.drop_rate * len(e) + 1e-9)
-        ordered = torch.sort(e, dim=0, descending=True).values
-        self.thresholds.copy_(ordered[min(allowed, len(e) - 1)])
+        self.thresholds_ = drop_rate_threshold(e, self.config.drop_rate)  # (2,)
+        self.val_fpr_ = float(self._flags(e).any(1).float().mean())
         return self
 
-    def _require_fit(self) -> None:
-        if bool(torch.isnan(self.thresholds).any()):
-            raise NotFittedError("MagNet thresholds are not fitted: call fit_thresholds(x_val)")
+    def _flags(self, errors: torch.Tensor) -> torch.Tensor:
+        return errors / self.thresholds_ > 1.0  # (n, 2)
 
-    def score(self, x: torch.Tensor) -> torch.Tensor:
-        """Suspicion (n,): the larger error relative to its threshold."""
+    def _scores(self, errors: torch.Tensor) -> dict[str, torch.Tensor]:
+        rel = errors / self.thresholds_
+        return {name: rel[:, j] for j, name in enumerate(SCORES)}
+
+    def score(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"ae_i", "ae_ii"}: each detector's error over its threshold (n,), flagged above 1."""
         self._require_fit()
-        return (self.errors(x) / self.thresholds).amax(1)
+        return self._scores(self.errors(x))
 
-    def detect(self, x: torch.Tensor) -> torch.Tensor:
-        """Flagged by either detector (n,) bool."""
-        return self.score(x) > 1.0
+    def decide(self, x: torch.Tensor) -> Decision:
+        """Reject where either detector flags; accept the others with the reformer's label."""
+        self._require_fit()
+        errors, labels, reformed_labels = self._outputs(self._check(x))
+        flags = self._flags(errors)
+        action, label = apply_rule(flags.any(1), None, reformed_labels)
+        details = {f"flagged_{name}": flags[:, j] for j, name in enumerate(SCORES)}
+        return Decision(action, label, labels, self._scores(errors), details)
 
-    @torch.no_grad()
-    def predict(self, classifier: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """C(AE_I(x)) for accepted inputs, REJECT_LABEL (−1) for flagged ones."""
-        labels = classifier(self.ae1(x)).argmax(1)
-        return torch.where(self.detect(x), torch.full_like(labels, REJECT_LABEL), labels)
+    # ------------------------------------------------------------------ persistence
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The artifact's tensors: ae1.*, ae2.* and thresholds (2,) — the format of every
+        MagNet artifact so far (NaN thresholds: not fitted)."""
+        thresholds = getattr(self, "thresholds_", torch.full((2,), float("nan")))
+        return {**self.autoencoders.state_dict(), "thresholds": thresholds}
 
     def save(self, folder: Path, metrics: dict[str, Any] | None = None) -> None:
+        """config.json (the MagNetConfig), model.safetensors, metrics.json (+ `metrics`)."""
+        self._require_fit()
+        row = {"val_fpr": self.val_fpr_, "thresholds": self.thresholds_.tolist()}
         save_artifact(
-            folder, kind=KIND, config=asdict(self.cfg), tensors=self.state_dict(), metrics=metrics
+            folder,
+            kind=KIND,
+            config=asdict(self.config),
+            tensors=self.state_dict(),
+            metrics={**row, **(metrics or {})},
         )
 
     @classmethod
-    def load(cls, folder: Path, device: str | torch.device = "cpu") -> MagNet:
-        return load_module(folder, KIND, lambda raw: cls(MagNetConfig(**raw)), device)
-
-
-def train_magnet(model: MagNet, x: torch.Tensor, device: torch.device) -> list[float]:
-    """Both autoencoders on clean images plus Gaussian noise (MSE to the clean image)."""
-    cfg = model.cfg
-    gen = torch.Generator().manual_seed(cfg.seed)
-    model.to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    history = []
-    for epoch in range(cfg.epochs):
-        perm, total = torch.randperm(len(x), generator=gen), 0.0
-        for i in tqdm(
-            range(0, len(x), cfg.batch_size), desc=f"MagNet {epoch + 1}", leave=False, disable=None
-        ):
-            xb = x[perm[i : i + cfg.batch_size]]
-            noisy = (xb + cfg.noise * torch.randn(xb.shape, generator=gen)).clamp(0, 1).to(device)
-            xb = xb.to(device)
-            loss = (model.ae1(noisy) - xb).pow(2).mean() + (model.ae2(noisy) - xb).pow(2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(xb)
-        history.append(total / len(x))
-        log.info("MagNet epoch %d: loss %.5f", epoch + 1, history[-1])
-    return history
+    def load(cls, folder: Path, classifier: nn.Module, **models: Any) -> MagNet:
+        """Rebuild a saved MagNet around `classifier`, on the classifier's device; its
+        autoencoders are in the artifact. An artifact saved unfitted loads unfitted."""
+        art = read_network_artifact(
+            folder,
+            KIND,
+            MagNetConfig.from_dict,
+            MagNetAutoencoders,
+            threshold_key="thresholds",
+            threshold_shape=(2,),
+            models=models,
+        )
+        magnet = cls(classifier, art.network, art.config)
+        art.network.to(magnet.device)
+        if art.threshold is not None:
+            magnet.thresholds_, magnet.val_fpr_ = art.threshold, art.val_fpr
+        return magnet
 
 
 def run_train_magnet(
@@ -153,25 +143,33 @@ def run_train_magnet(
     *,
     epochs: int = 10,
     limit: int | None = None,
+    classifier: Path | None = None,
 ) -> dict[str, Any]:
-    """Train on the dataset's combo-VAE split (20,000 clean images), thresholds on VAL, save."""
-    from fmdefense.core.provenance import provenance
+    """Train on the dataset's combo-VAE split (20,000 clean images), fit on VAL, save.
+
+    The defense protects the dataset's classifier (`classifier`: its artifact folder, default
+    the shipped one); the metrics record its VAL accuracy (a rejection counts as wrong).
+    """
     from fmdefense.data import load_raw, split_tensors
+    from fmdefense.models.classifiers import Classifier
+    from fmdefense.training.magnet import train_magnet
 
     ds = load_raw(dataset)
     x, _ = split_tensors(ds, "vae_train")
-    x = x[:limit]
-    x_val, _ = split_tensors(ds, "val")
+    x_val, y_val = split_tensors(ds, "val")
     c, h, w = ds.image_shape
-    model = MagNet(MagNetConfig(in_channels=c, image_size=(h, w), epochs=epochs))
-    history = train_magnet(model, x, device)
-    model.eval().fit_thresholds(x_val.to(device))
-    val_fpr = float(model.detect(x_val.to(device)).float().mean())
+    cfg = MagNetConfig(in_channels=c, image_size=(h, w), epochs=epochs)
+    autoencoders = MagNetAutoencoders(cfg)
+    history = train_magnet(autoencoders, x[:limit], device)
+    clf = Classifier.load(classifier_dir(dataset, classifier), device)
+    magnet = MagNet(clf, autoencoders, cfg).fit(x_val)
+    labels = magnet.predict(x_val)
     metrics = {
         "loss_history": history,
-        "val_fpr": val_fpr,
-        "thresholds": model.thresholds.tolist(),
+        "val_fpr": magnet.val_fpr_,
+        "thresholds": magnet.thresholds_.tolist(),
+        "val_accuracy": float((labels == y_val).float().mean()),
         **provenance(),
     }
-    model.cpu().save(out_dir, metrics)
+    magnet.save(out_dir, metrics)
     return metrics

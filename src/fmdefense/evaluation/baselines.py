@@ -66,18 +66,20 @@ def recon_baseline(
     return out, scores
 
 
-def stage_magnet(run: Path, dataset: str, profile: Profile, device: torch.device) -> MagNet:
-    """MagNet's autoencoders for this run folder: trained once, then reused."""
+def stage_magnet(
+    run: Path, dataset: str, profile: Profile, clf: torch.nn.Module, device: torch.device
+) -> MagNet:
+    """MagNet around `clf` for this run folder: trained once, then reused."""
     folder = run / "magnet"
     try:
-        magnet = MagNet.load(folder, device)
+        magnet = MagNet.load(folder, clf)
         log.info("reusing finished stage %s", folder)
     except ArtifactError:
         run_train_magnet(
             dataset, folder, device, epochs=profile.magnet_epochs, limit=profile.magnet_limit
         )
-        magnet = MagNet.load(folder, device)
-    return magnet.eval()
+        magnet = MagNet.load(folder, clf)
+    return magnet
 
 
 def magnet_baseline(
@@ -91,15 +93,14 @@ def magnet_baseline(
     device: torch.device,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """MagNet on the same sets (its autoencoders trained once per run folder, then reused)."""
-    magnet = stage_magnet(run, dataset, profile, device)
-    s_cle = magnet.score(x_cle.to(device)).cpu()
-    s_adv = {k: magnet.score(a.x_adv.to(device)).cpu() for k, a in adv_sets.items()}
-    table: dict[str, float] = {
-        "clean": accuracy(magnet.predict(clf, x_cle.to(device)).cpu(), y_cle)
-    }
+    magnet = stage_magnet(run, dataset, profile, clf, device)
+    dec = {"CLE": magnet.decide(x_cle)} | {k: magnet.decide(a.x_adv) for k, a in adv_sets.items()}
+    s_all = {k: torch.maximum(d.scores["ae_i"], d.scores["ae_ii"]) for k, d in dec.items()}
+    s_cle = s_all.pop("CLE")  # either detector's error over its threshold: > 1 flagged
+    s_adv = s_all
+    table: dict[str, float] = {"clean": accuracy(dec["CLE"].label, y_cle)}
     for name, a in adv_sets.items():
-        labels = magnet.predict(clf, a.x_adv.to(device)).cpu()
-        table[name] = defended_accuracy(labels, a.y_true)
+        table[name] = defended_accuracy(dec[name].label, a.y_true)
     result = {
         "detection": ex.score_detection(s_cle, s_adv),
         "table2": table,
@@ -127,7 +128,7 @@ def defensegan_baseline(
     each set's scores and labels are cached, so a killed run keeps finished sets."""
     folder = defensegan_dir(dataset)
     try:
-        gan = DefenseGAN.load(folder, device).eval()
+        gan = DefenseGAN.load(folder, clf)
     except ArtifactError as exc:
         log.warning("Defense-GAN skipped: %s", exc)
         fix = f"fmdefense train defensegan --dataset {dataset} --out {folder}"
@@ -138,15 +139,15 @@ def defensegan_baseline(
     scores, table = {}, {}
     model_key = fingerprint(gan)
     for name, (x, y) in sets.items():
-        key = config_hash({"input": fingerprint_tensor(x), "model": model_key, "cfg": gan.cfg})
+        key = config_hash({"input": fingerprint_tensor(x), "model": model_key, "cfg": gan.config})
         path = run / "defense_gan" / f"{name}-{key}.safetensors"
         if path.is_file():
             out = load_tensors(path)
         else:
-            s, labels = gan.score_and_predict(clf, x.to(device))
-            out = {"score": s.cpu(), "labels": labels.cpu()}
+            dec = gan.decide(x)  # one search: score and labels
+            out = {"score": dec.scores["reconstruction_error"], "labels": dec.label}
             save_tensors(path, out)
-        scores[name] = out["score"] / float(gan.threshold)  # > 1: flagged
+        scores[name] = out["score"] / gan.threshold_  # > 1: flagged
         table[name] = (
             accuracy(out["labels"], y) if name == "CLE" else defended_accuracy(out["labels"], y)
         )
@@ -158,7 +159,7 @@ def defensegan_baseline(
         "table2": table,
         "clean_flagged": float((scores["CLE"] > 1).float().mean()),
         "n_per_set": len(sets["CLE"][1]),
-        "search": {"restarts": gan.cfg.restarts, "steps": gan.cfg.search_steps},
+        "search": {"restarts": gan.config.restarts, "steps": gan.config.search_steps},
     }
     return result, scores
 
@@ -176,8 +177,8 @@ def stage_adaptive(
 ) -> dict[str, Any]:
     """Each defense under its own defense-aware attack on the first `adaptive_limit` CLE
     images, judged on its hard decisions (resumable per attack and ε)."""
-    from fmdefense.attacks.adaptive import DEFAULT_ATTACK
-    from fmdefense.attacks.adaptive_commands import artifact_digest, run_sweep
+    from fmdefense.attacks.adaptive import DEFAULT_ATTACK, run_sweep
+    from fmdefense.attacks.adaptive.jobs import artifact_digest
 
     fm, point = defense, f"per-code thresholds, ρ = {defense.config.rho}"
     if profile.adaptive_fm_rho is not None:
@@ -186,12 +187,12 @@ def stage_adaptive(
         point = f"joint thresholds, VAL false positives ≤ {1 - rho:.0%}"
     targets: dict[str, tuple[Any, Path, str]] = {"fm": (fm, run / "defense", point)}
     if "magnet" in baselines:
-        magnet = MagNet.load(run / "magnet", device).eval()
-        rate = f"two detectors, VAL drop rate {magnet.cfg.drop_rate} each"
+        magnet = MagNet.load(run / "magnet", clf)
+        rate = f"two detectors, VAL drop rate {magnet.config.drop_rate} each"
         targets["magnet"] = (magnet, run / "magnet", rate)
     if "defensegan" in baselines and (defensegan_dir(dataset) / "config.json").is_file():
-        gan = DefenseGAN.load(defensegan_dir(dataset), device).eval()
-        rate = f"VAL drop rate {gan.cfg.drop_rate}"
+        gan = DefenseGAN.load(defensegan_dir(dataset), clf)
+        rate = f"VAL drop rate {gan.config.drop_rate}"
         targets["defensegan"] = (gan, defensegan_dir(dataset), rate)
     x, y = x_cle[: profile.adaptive_limit], y_cle[: profile.adaptive_limit]
     changes = {} if profile.adaptive_steps is None else {"steps": profile.adaptive_steps}
@@ -206,7 +207,6 @@ def stage_adaptive(
         }
         out[kind] = run_sweep(
             target,
-            clf,
             x.to(device),
             y.to(device),
             [DEFAULT_ATTACK[kind]],

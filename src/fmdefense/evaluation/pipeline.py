@@ -138,9 +138,9 @@ def _default(
     x_tune, y_tune = val[0][: profile.n_tuning], val[1][: profile.n_tuning]
     source = {"dataset": dataset, "split": "val", "n": len(y_tune)}
     tuning = stage_attacks(run / "tuning", profile, clf, x_tune, y_tune, source)
-    magnet = stage_magnet(run, dataset, profile, device)
+    aes = stage_magnet(run, dataset, profile, clf, device).autoencoders
     config = DefaultConfig(alpha=profile.default_alpha, seed=profile.seed)
-    defense = DefaultDefense(clf, vae, (magnet.ae1, magnet.ae2), config)
+    defense = DefaultDefense(clf, vae, (aes.ae1, aes.ae2), config)
     sets = {"CLE": cle, **{k: (a.x_adv, a.y_true) for k, a in adv_sets.items()}}
     resistance = {k: v["resistance"] for k, v in raw.items()}
     fm_val = FMDefense.load(run / "defense", clf, vae).val_resistance_
