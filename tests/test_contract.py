@@ -76,9 +76,6 @@ BUILDERS: dict[str, Callable[[], tuple[Defense, Callable[[Path], Defense]]]] = {
 }
 # Defenses whose accepted label is not C(x): MagNet's is C(AE_I(x)), Defense-GAN's C(G(z*)).
 RELABELS = ("default", "magnet", "defensegan")
-# Defenses whose decision depends on an input's position in the batch: Defense-GAN's search
-# starts row i from the i-th seeded start (kept so that its committed results stay valid).
-BY_POSITION = ("defensegan",)
 NAMES = sorted(DEFENSES)
 
 
@@ -136,8 +133,6 @@ def test_save_then_load_gives_identical_decisions(name: str, tmp_path: Path) -> 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_one_image_alone_decides_as_inside_a_batch(name: str) -> None:
-    if name in BY_POSITION:
-        pytest.skip(f"{name} decides by position in the batch (see BY_POSITION)")
     defense, _ = _fitted(name)
     batch = defense.decide(X)
     for i in range(len(X)):

@@ -57,8 +57,9 @@ class Projection:
 class DefenseGAN(Defense):
     """The generator, the detection threshold and the z search around a classifier.
 
-    Unlike the other defenses, a decision depends on an input's position in the batch (row i
-    starts its search from the i-th seeded start); decide on a set in the order it came.
+    Every image starts its search from the same R seeded starts, so a decision does not depend
+    on the batch an input arrives in (the adaptive units committed before this change were
+    made with per-position starts: each image still had R independent N(0, I) starts).
     """
 
     name = "defensegan"
@@ -75,9 +76,10 @@ class DefenseGAN(Defense):
     # ------------------------------------------------------------------ the search
 
     def starts(self, n: int) -> torch.Tensor:
-        """Seeded random starts (n, R, z_dim) of n images: row i depends only on seed and i."""
+        """Seeded random starts (n, R, z_dim): the same R starts for every image."""
         gen = torch.Generator().manual_seed(self.config.seed)
-        return torch.randn((n, self.config.restarts, self.config.z_dim), generator=gen)
+        z0 = torch.randn((1, self.config.restarts, self.config.z_dim), generator=gen)
+        return z0.expand(n, -1, -1).contiguous()
 
     def _search(self, x: torch.Tensor, z0: torch.Tensor) -> Projection:
         """L Adam steps on all R·B codes at once; keep each image's best restart."""

@@ -139,7 +139,14 @@ def defensegan_baseline(
     scores, table = {}, {}
     model_key = fingerprint(gan)
     for name, (x, y) in sets.items():
-        key = config_hash({"input": fingerprint_tensor(x), "model": model_key, "cfg": gan.config})
+        key = config_hash(
+            {
+                "input": fingerprint_tensor(x),
+                "model": model_key,
+                "cfg": gan.config,
+                "starts": "shared",  # every image from the same starts (batch-independent)
+            }
+        )
         path = run / "defense_gan" / f"{name}-{key}.safetensors"
         if path.is_file():
             out = load_tensors(path)
