@@ -16,11 +16,10 @@ from fmdefense.core.config import (
     dataclass_kwargs,
 )
 from fmdefense.core.errors import InputError
+from fmdefense.core.precision import PRECISIONS
 from fmdefense.defenses.fm.morphs import MorphConfig
 from fmdefense.defenses.fm.purifier import Z_U_MODES
 from fmdefense.defenses.fm.thresholds import THRESHOLD_MODES
-
-PRECISIONS = ("fp32", "bf16")
 
 
 def check_codes(codes: object) -> None:
@@ -69,7 +68,7 @@ class FMDefenseConfig:
     batch_size: int = 128  # morphs per decode+classify batch (fastest on the 2-core CPU)
     channels_last: bool = True  # convert both networks' memory format (in place) for speed
     chunk_size: int = 32  # instances per morph chunk
-    precision: str = "fp32"  # morphs: fp32 | bf16 (autocast); input/purified labels stay fp32
+    precision: str = "auto"  # morphs: auto | fp32 | bf16 (autocast); input labels stay fp32
     seed: int = 0
 
     def __post_init__(self) -> None:

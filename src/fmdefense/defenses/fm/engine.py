@@ -14,6 +14,7 @@ from torch import nn
 
 from fmdefense.core.chunks import chunked
 from fmdefense.core.fingerprints import fingerprint, fingerprint_tensor
+from fmdefense.core.precision import resolve_precision
 from fmdefense.defenses.fm.config import FMDefenseConfig, MorphableVAE
 from fmdefense.defenses.fm.morphs import draw_table, natural_deltas, shuffled
 from fmdefense.defenses.fm.ranges import code_values
@@ -35,8 +36,15 @@ class MorphEngine:
     def device(self) -> torch.device:
         return next(self.classifier.parameters()).device
 
+    @property
+    def precision(self) -> str:
+        """The morph precision in force: the config's, with "auto" resolved for this device."""
+        if getattr(self, "_precision", None) is None:
+            self._precision = resolve_precision(self.config.precision, self.device)
+        return self._precision
+
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.config.precision == "bf16":
+        if self.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -169,7 +177,7 @@ class MorphEngine:
                 "input": fingerprint_tensor(x),
                 "classifier": fingerprint(self.classifier),
                 "vae": fingerprint(self.vae),
-                "precision": self.config.precision,
+                "precision": self.precision,
             }
 
         def compute(start: int, stop: int) -> dict[str, torch.Tensor]:
