@@ -43,9 +43,10 @@ demo: data
 	$(PY) -m fmdefense evaluate classifier --dataset mnist fmnist orl
 	$(PY) -m fmdefense reproduce --dataset mnist --profile quick
 
-bench: setup
+bench: data
 	$(PY) benchmarks/morph_throughput.py
 	$(PY) benchmarks/defense_cost.py
+	$(PY) benchmarks/serving.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
