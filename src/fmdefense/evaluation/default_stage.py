@@ -95,40 +95,50 @@ def resistance_scores(r: torch.Tensor) -> torch.Tensor:
     return torch.stack([1 - r.mean(1), 1 - r.min(1).values], 1)
 
 
+def _flag_share(
+    p_cal: torch.Tensor, p_set: dict[str, torch.Tensor], cols: list[int], rule: str, alpha: float
+) -> dict[str, float]:
+    """Share flagged per set when the columns `cols` of the p-value matrices are fused."""
+    thr = fusion.threshold_at(fusion.combine(p_cal[:, cols], rule), alpha)
+    return {
+        k: float((fusion.combine(p[:, cols], rule) > thr).float().mean()) for k, p in p_set.items()
+    }
+
+
 def ablation(
     defense: DefaultDefense,
     passes: dict[str, ScorePass],
     resistance: dict[str, torch.Tensor] | None = None,
     val_resistance: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """Share flagged per set at α (reject policy) for score subsets: each alone, leave-one-out,
-    all (the default), and with the morphs' resistance added or alone when available."""
-    names = list(defense.names_)
+    """Share flagged per set at α (the detector alone) for score subsets: each alone,
+    leave-one-out, all (the default); and, where the morphs' resistance exists, the morphs alone
+    and the default + morphs, on the images FM-Defense was run on (`morph_images`)."""
+    names, rule, alpha = list(defense.names_), defense.config.combine, defense.config.alpha
     p_cal = _pmatrix(defense, defense.calibration_)
     p_set = {k: _pmatrix(defense, p.s) for k, p in passes.items()}
-    if resistance is not None and val_resistance is not None:
-        ref_ix, cal_ix = fusion.split_indices(len(val_resistance), defense.config.seed)
-        val_r = resistance_scores(val_resistance)
-        p_cal = torch.cat([p_cal, fusion.pvalues(val_r[ref_ix], val_r[cal_ix])], 1)
-        for k in p_set:
-            extra = fusion.pvalues(val_r[ref_ix], resistance_scores(resistance[k]))
-            p_set[k] = torch.cat([p_set[k], extra], 1)
-        names += ["resistance_mean", "resistance_min"]
-    base = list(range(len(defense.names_)))
+    base = list(range(len(names)))
     subsets: dict[str, list[int]] = {"default (all one-decode scores)": base}
     subsets |= {f"only {names[i]}": [i] for i in base}
     subsets |= {f"without {names[i]}": [j for j in base if j != i] for i in base}
-    if len(names) > len(base):
-        subsets["morphs only (resistance)"] = [len(base), len(base) + 1]
-        subsets["default + morphs"] = [*base, len(base), len(base) + 1]
-    out: dict[str, Any] = {}
-    for label, cols in subsets.items():
-        stat_cal = fusion.combine(p_cal[:, cols], defense.config.combine)
-        thr = fusion.threshold_at(stat_cal, defense.config.alpha)
-        out[label] = {
-            k: float((fusion.combine(p[:, cols], defense.config.combine) > thr).float().mean())
-            for k, p in p_set.items()
-        }
+    out: dict[str, Any] = {
+        label: _flag_share(p_cal, p_set, cols, rule, alpha) for label, cols in subsets.items()
+    }
+    if resistance is None or val_resistance is None:
+        return out
+    ref_ix, cal_ix = fusion.split_indices(len(val_resistance), defense.config.seed)
+    val_r = resistance_scores(val_resistance)
+    p_cal_r = torch.cat([p_cal, fusion.pvalues(val_r[ref_ix], val_r[cal_ix])], 1)
+    p_set_r = {}
+    for k, p in p_set.items():
+        n = len(resistance[k])
+        extra = fusion.pvalues(val_r[ref_ix], resistance_scores(resistance[k]))
+        p_set_r[k] = torch.cat([p[:n], extra], 1)
+    morphs = [len(base), len(base) + 1]
+    out["one-decode default on the same images"] = _flag_share(p_cal_r, p_set_r, base, rule, alpha)
+    out["morphs only (resistance)"] = _flag_share(p_cal_r, p_set_r, morphs, rule, alpha)
+    out["default + morphs"] = _flag_share(p_cal_r, p_set_r, base + morphs, rule, alpha)
+    out["morph_images"] = {k: len(v) for k, v in resistance.items()}
     return out
 
 

@@ -88,8 +88,10 @@ def run_reproduce(
     )
     defense = stage_calibrate(run, clf, vae, cfg, x_val, y_val)
     raw = {"CLE": stage_set_outputs(run, "CLE", defense, x_cle, y_cle)}
+    limits = dict(profile.fm_limits)
     for name, adv in adv_sets.items():
-        raw[name] = stage_set_outputs(run, name, defense, adv.x_adv, adv.y_true)
+        n = limits.get(name)
+        raw[name] = stage_set_outputs(run, name, defense, adv.x_adv[:n], adv.y_true[:n])
     results = experiments(run, dataset, profile, defense, raw, x_cle, adv_sets)
     fm = {"CLE": ex.suspicion(raw["CLE"]["resistance"])}
     fm |= {k: ex.suspicion(v["resistance"]) for k, v in raw.items() if k != "CLE"}

@@ -28,6 +28,9 @@ class Profile:
     adaptive_fm_rho: float | None = None
     # one more ε where success should reach ~100 % (the "unbounded" sanity check); None: skipped
     adaptive_unbounded_eps: float | None = 1.0
+    # FM-Defense's resistance on only the first N images of these sets (its 2,000 morphs per
+    # input are the pipeline's dominant cost); every other defense sees whole sets
+    fm_limits: tuple[tuple[str, int], ...] = ()
     default_alpha: float = 0.01  # the default defense's clean false-positive rate on VAL
     n_tuning: int = 500  # first N VAL images attacked: the default's tuning set
     seed: int = 0
@@ -53,6 +56,7 @@ PROFILES: dict[str, Profile] = {
         precision="bf16",
         adaptive_limit=500,
         adaptive_fm_rho=0.95,
+        fm_limits=(("cw_l2-kappa20", 1000), ("pgd_linf-eps0.3", 1000), ("pgd_linf-eps0.1", 1000)),
     ),
     # 300 VAL images cannot support ρ = 0.999 (it allows 0.3 flagged images per code).
     "quick": Profile(

@@ -91,11 +91,18 @@ def _tuning(d: dict[str, Any]) -> list[str]:
 
 
 def _ablation(d: dict[str, Any]) -> list[str]:
-    abl = d["ablation"]
+    abl = dict(d["ablation"])
+    images = abl.pop("morph_images", None)
     sets = list(next(iter(abl.values())))
     lines = ["| scores fused | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
     for label, row in abl.items():
-        lines.append(f"| {label} | " + " | ".join(_pct(row[s]) for s in sets) + " |")
+        lines.append(f"| {label} | " + " | ".join(_pct(row.get(s)) for s in sets) + " |")
+    if images:
+        lines += [
+            "",
+            f"Rows with the morphs (and the row above them) use the images FM-Defense "
+            f"was run on: {images}.",
+        ]
     return lines
 
 
