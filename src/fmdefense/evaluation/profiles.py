@@ -57,6 +57,7 @@ PROFILES: dict[str, Profile] = {
         adaptive_limit=500,
         adaptive_fm_rho=0.95,
         fm_limits=(("cw_l2-kappa20", 1000), ("pgd_linf-eps0.3", 1000), ("pgd_linf-eps0.1", 1000)),
+        n_tuning=300,
     ),
     # 300 VAL images cannot support ρ = 0.999 (it allows 0.3 flagged images per code).
     "quick": Profile(
