@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fmdefense.core.errors import InputError
@@ -90,7 +90,19 @@ def dataclass_kwargs(cls: Any, raw: object, what: str, *, tuples: bool = False) 
     d = dict(raw)
     for name, f in fields.items():
         if name not in d:
-            d[name] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            factory = f.default_factory
+            d[name] = factory() if callable(factory) else f.default
         elif tuples and isinstance(d[name], list) and str(f.type).startswith("tuple"):
             d[name] = tuple(d[name])
     return d
+
+
+def replace_fields(cfg: Any, overrides: Mapping[str, Any] | None, what: str) -> Any:
+    """`dataclasses.replace(cfg, **overrides)`, refusing unknown keys in one line (`what` names
+    the config in the message); the dataclass's own checks judge the values."""
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    unknown = sorted(set(overrides or {}) - fields)
+    if unknown:
+        known = ", ".join(sorted(fields))
+        raise InputError(f"{what} has no setting {unknown[0]!r}; known: {known}")
+    return dataclasses.replace(cfg, **dict(overrides or {}))
