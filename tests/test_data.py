@@ -258,7 +258,7 @@ def test_orl_from_a_folder_in_the_published_layout(tmp_path: Path, data_home: Pa
     "raw", [b"P5\n# no end", b"P5\nx 3\n255\n", b"P5\n0 3\n255\n", b"P5\n4 -3\n255\n" + b"\0" * 12]
 )
 def test_malformed_pgm_headers_raise_data_error(raw: bytes) -> None:
-    with pytest.raises(DataError, match="face.pgm"):
+    with pytest.raises(DataError, match=r"face\.pgm"):
         _parse_pgm(raw, "face.pgm")
 
 

@@ -13,15 +13,11 @@ import matplotlib.pyplot as plt
 import torch
 
 from fmdefense.core.config import check_int, check_range
+from fmdefense.core.errors import InputError
 from fmdefense.core.validation import check_images, check_labels
 from fmdefense.models.classifiers import Classifier
 from fmdefense.models.combo_vae import ComboVAE
 from fmdefense.models.losses import kl_normal
-
-
-def _images(vae: ComboVAE, x: object, name: str = "x") -> torch.Tensor:
-    c = vae.cfg
-    return check_images(x, channels=c.in_channels, size=c.image_size, name=name)
 
 
 @torch.inference_mode()
@@ -42,7 +38,6 @@ def disentanglement(vae: ComboVAE, x: torch.Tensor, threshold: float = 0.5) -> d
     codes are uncorrelated, growing as they share information — the quantity the TC term
     penalises, measured without a discriminator."""
     check_range("threshold", threshold, 0.0, 1e6)
-    x = _images(vae, x)
     vae.eval()
     device = next(vae.parameters()).device
     mu = torch.cat([vae.encoder(x[i : i + 512].to(device))[0].cpu() for i in range(0, len(x), 512)])
@@ -83,7 +78,8 @@ def traversal_label_stability(
     carries no class information, the property FM-Defense asks of its class-shared codes."""
     check_int("steps", steps, low=1, high=10_000)
     check_int("batch_size", batch_size, low=1)
-    x, x_ref = _images(vae, x), _images(vae, x_ref, "x_ref")
+    if len(x) == 0 or len(x_ref) < 2:
+        raise InputError("traversal_label_stability needs images x and at least 2 in x_ref")
     vae.eval()
     device = next(vae.parameters()).device
     lo, hi = _ranges(vae.codes(x_ref.to(device)).float())
@@ -117,7 +113,7 @@ def held_out_measures(
     batch_size: int = 512,
 ) -> dict[str, Any]:
     """Reconstruction MSE per pixel, DGMM accuracy and C's accuracy on reconstructions."""
-    x = _images(vae, x)
+    x = check_images(x, channels=vae.cfg.in_channels, size=vae.cfg.image_size)
     y = check_labels(y, len(x), vae.cfg.num_classes)
     check_int("batch_size", batch_size, low=1)
     vae.eval()
