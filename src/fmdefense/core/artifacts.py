@@ -171,25 +171,28 @@ def read_config(folder: Path, kind: str) -> dict[str, Any]:
     if not folder.is_dir():
         raise ArtifactError(f"artifact folder {folder} does not exist")
     path = folder / CONFIG_FILE
+    fix = "restore the file or re-create the artifact"
+    if not path.exists():
+        raise ArtifactError(f"{folder} is not an artifact: missing {path}; {fix}")
     meta = read_json(path)
-    what = f"{path} (re-create the artifact, or restore the file)"
     if not isinstance(meta, dict):
-        raise ArtifactError(f"{what}: must be a JSON object, got {type(meta).__name__}")
+        raise ArtifactError(f"{path} must hold a JSON object, got {type(meta).__name__}; {fix}")
     for key in _META_KEYS:
         if key not in meta:
-            raise ArtifactError(f"{what}: lacks key {key!r}; not an fmdefense artifact config")
+            raise ArtifactError(f"{path} lacks key {key!r} (not an fmdefense artifact); {fix}")
     unknown = sorted(set(meta) - {*_META_KEYS, *_OPTIONAL_META_KEYS})
     if unknown:
-        raise ArtifactError(f"{what}: unknown key {unknown[0]!r}")
+        raise ArtifactError(f"{path} has unknown key {unknown[0]!r}; {fix}")
     if meta["kind"] != kind:
         raise ArtifactError(f"{folder} holds a {meta['kind']!r} artifact, expected {kind!r}")
-    if meta["format_version"] != FORMAT_VERSION or type(meta["format_version"]) is not int:
+    version = meta["format_version"]
+    if version != FORMAT_VERSION or type(version) is not int:
         raise ArtifactError(
-            f"{folder} has format_version {meta['format_version']!r}, expected {FORMAT_VERSION}"
+            f"{path} has format_version {version!r}, expected {FORMAT_VERSION}; {fix}"
         )
     if not isinstance(meta["config"], dict):
         got = "null" if meta["config"] is None else type(meta["config"]).__name__
-        raise ArtifactError(f"{what}: 'config' must be a JSON object, got {got}")
+        raise ArtifactError(f"{path}: 'config' must be a JSON object, got {got}; {fix}")
     if "files" in meta:
         check_records(meta["files"], path)
     return dict(meta["config"])

@@ -72,10 +72,13 @@ def check_pair(name: str, value: object, *, low: int, high: int) -> None:
         )
 
 
-def dataclass_kwargs(cls: Any, raw: object, what: str, *, tuples: bool = False) -> dict[str, Any]:
+def dataclass_kwargs(
+    cls: Any, raw: object, what: str, *, tuples: bool = False, complete: bool = False
+) -> dict[str, Any]:
     """A JSON object's fields for dataclass `cls`: refuses a non-object, unknown keys and
-    missing keys that have no default, naming the key. With `tuples`, JSON lists become tuples
-    for fields annotated as tuples (JSON has no tuple); the dataclass then checks the values."""
+    missing keys that have no default (with `complete`, any missing key: a saved config records
+    every field), naming the key. With `tuples`, JSON lists become tuples for fields annotated as
+    tuples (JSON has no tuple); the dataclass then checks the values."""
     if not isinstance(raw, dict):
         got = "null" if raw is None else type(raw).__name__
         raise InputError(f"{what} must be a JSON object, got {got}")
@@ -85,7 +88,7 @@ def dataclass_kwargs(cls: Any, raw: object, what: str, *, tuples: bool = False) 
         raise InputError(f"{what} has unknown key {unknown[0]!r}; known: {', '.join(fields)}")
     for name, f in fields.items():
         no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if no_default and name not in raw:
+        if (no_default or complete) and name not in raw:
             raise InputError(f"{what} lacks key {name!r}")
     d = dict(raw)
     for name, f in fields.items():

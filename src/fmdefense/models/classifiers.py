@@ -46,9 +46,12 @@ class ClassifierConfig:
             raise InputError(f"extra must be a JSON object, got {type(self.extra).__name__}")
 
     @classmethod
-    def from_dict(cls, raw: object, what: str = "classifier config") -> ClassifierConfig:
-        """Rebuild from JSON: unknown or missing keys and wrong types give one clear line."""
-        return cls(**dataclass_kwargs(cls, raw, what, tuples=True))
+    def from_dict(
+        cls, raw: object, what: str = "classifier config", *, complete: bool = False
+    ) -> ClassifierConfig:
+        """Rebuild from JSON: unknown or missing keys and wrong types give one clear line; with
+        `complete` (a saved artifact), every field must be present."""
+        return cls(**dataclass_kwargs(cls, raw, what, tuples=True, complete=complete))
 
 
 class CWMnist(nn.Module):
@@ -214,7 +217,9 @@ class Classifier(nn.Module):
     @classmethod
     def load(cls, folder: Path, device: str | torch.device = "cpu") -> Classifier:
         """Rebuild from an artifact folder (no pickle); raises ArtifactError when broken."""
-        return load_module(folder, KIND, lambda raw: cls(ClassifierConfig.from_dict(raw)), device)
+        return load_module(
+            folder, KIND, lambda raw: cls(ClassifierConfig.from_dict(raw, complete=True)), device
+        )
 
 
 def build_classifier(dataset: str) -> Classifier:

@@ -61,9 +61,12 @@ class ComboVAEConfig:
             )
 
     @classmethod
-    def from_dict(cls, raw: object, what: str = "combo-VAE config") -> ComboVAEConfig:
-        """Rebuild from JSON: unknown or missing keys and wrong types give one clear line."""
-        return cls(**dataclass_kwargs(cls, raw, what, tuples=True))
+    def from_dict(
+        cls, raw: object, what: str = "combo-VAE config", *, complete: bool = False
+    ) -> ComboVAEConfig:
+        """Rebuild from JSON: unknown or missing keys and wrong types give one clear line; with
+        `complete` (a saved artifact), every field must be present."""
+        return cls(**dataclass_kwargs(cls, raw, what, tuples=True, complete=complete))
 
 
 def _act() -> nn.Module:
@@ -303,7 +306,9 @@ class ComboVAE(nn.Module):
     @classmethod
     def load(cls, folder: Path, device: str | torch.device = "cpu") -> ComboVAE:
         """Rebuild from an artifact folder (no pickle)."""
-        return load_module(folder, KIND, lambda raw: cls(ComboVAEConfig.from_dict(raw)), device)
+        return load_module(
+            folder, KIND, lambda raw: cls(ComboVAEConfig.from_dict(raw, complete=True)), device
+        )
 
 
 def _check_code(name: str, z: object, shape: tuple[int, ...], batch: int | None = None) -> None:
