@@ -95,8 +95,9 @@ def recorded_checksum(path: Path) -> dict[str, Any] | None:
         if path not in _warned_legacy:
             _warned_legacy.add(path)
             log.warning(
-                "%s carries no checksum (saved before checksums were recorded); loading it "
-                "unverified. Re-save the artifact to add one.",
+                "%s carries no checksum in its config.json (saved before checksums were "
+                "recorded, or by a writer that records none); loading it unverified. Re-save "
+                "the artifact to add one.",
                 path,
             )
         return None
