@@ -73,20 +73,25 @@ def one_line_error(call: Callable[[], Any]) -> tuple[bool, Any]:
 
 
 @st.composite
-def image_like(draw: st.DrawFn) -> object:
-    kind = draw(st.sampled_from(["tensor"] * 8 + ["list", "none", "numpy"]))
+def image_like(draw: st.DrawFn, channels: int | None, size: tuple[int, int] | None) -> object:
+    """Mostly near-misses of a valid batch for (channels, size): one thing off at a time."""
+    kind = draw(st.sampled_from(["tensor"] * 12 + ["list", "none", "numpy"]))
     if kind == "list":
         return [[0.5]]
     if kind == "none":
         return None
-    shape = draw(st.lists(st.integers(0, 4), min_size=0, max_size=5))
+    c = channels if channels is not None else draw(st.integers(1, 3))
+    h, w = size if size is not None else (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    shape = [draw(st.integers(1, 3)), c, h, w]
+    if draw(st.integers(0, 3)) == 0:  # a wrong shape: random rank and sizes
+        shape = draw(st.lists(st.integers(0, 4), min_size=0, max_size=5))
     if kind == "numpy":
         return np.zeros(shape, np.float32)
     dtype = draw(st.sampled_from(FLOAT_DTYPES * 3 + OTHER_DTYPES))
     n = int(np.prod(shape)) if shape else 1
-    values = draw(
-        st.lists(st.one_of(st.floats(0, 1), st.sampled_from(SPECIAL)), min_size=n, max_size=n)
-    )
+    special = draw(st.integers(0, 2)) == 0  # else plain values in [0, 1]
+    element = st.one_of(st.floats(0, 1), st.sampled_from(SPECIAL)) if special else st.floats(0, 1)
+    values = draw(st.lists(element, min_size=n, max_size=n))
     base = torch.tensor(values, dtype=torch.float64).reshape(shape)
     if dtype.is_floating_point or dtype.is_complex:
         return base.to(dtype)
@@ -97,7 +102,7 @@ def images_are_valid(x: object, channels: int | None, size: tuple[int, int] | No
     """The oracle: what check_images must accept."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
         return False
-    if x.shape[0] == 0 or (channels is not None and x.shape[1] != channels):
+    if x.numel() == 0 or (channels is not None and x.shape[1] != channels):
         return False
     if size is not None and tuple(x.shape[2:]) != size:
         return False
@@ -107,13 +112,14 @@ def images_are_valid(x: object, channels: int | None, size: tuple[int, int] | No
 
 @FUZZ
 @given(
-    x=image_like(),
     channels=st.one_of(st.none(), st.integers(0, 4)),
     size=st.one_of(st.none(), st.tuples(st.integers(0, 4), st.integers(0, 4))),
+    data=st.data(),
 )
 def test_check_images_refuses_or_returns_float32_images(
-    x: object, channels: int | None, size: tuple[int, int] | None
+    channels: int | None, size: tuple[int, int] | None, data: st.DataObject
 ) -> None:
+    x = data.draw(image_like(channels, size))
     ok, out = one_line_error(lambda: check_images(x, channels=channels, size=size))
     assert ok == images_are_valid(x, channels, size)
     if ok:
@@ -132,29 +138,38 @@ def test_check_images_refuses_or_returns_float32_images(
 
 
 @st.composite
-def label_like(draw: st.DrawFn) -> object:
+def label_like(draw: st.DrawFn, n: object, classes: object) -> object:
+    """Mostly near-misses of a valid label vector of length n within [0, classes)."""
     if draw(st.integers(0, 9)) == 0:
         return draw(st.sampled_from([None, [0, 1], np.arange(3)]))
-    shape = draw(st.lists(st.integers(0, 4), min_size=0, max_size=3))
+    length = n if type(n) is int and n >= 0 else draw(st.integers(0, 4))
+    shape = [length]
+    if draw(st.integers(0, 3)) == 0:  # 2-D (one-hot), scalar, or another length
+        shape = draw(st.lists(st.integers(0, 4), min_size=0, max_size=3))
     dtype = draw(
         st.sampled_from(
             [torch.int64, torch.int32, torch.uint8, torch.int8] * 2
             + [torch.bool, torch.float32, torch.complex64]
         )
     )
-    n = int(np.prod(shape)) if shape else 1
-    values = draw(st.lists(st.integers(-3, 12), min_size=n, max_size=n))
+    top = classes if type(classes) is int and classes > 0 else 3
+    count = int(np.prod(shape)) if shape else 1
+    element = st.integers(0, top - 1) if draw(st.booleans()) else st.integers(-3, 12)
+    values = draw(st.lists(element, min_size=count, max_size=count))
     base = torch.tensor(values, dtype=torch.int64).reshape(shape)
     return base.abs().to(dtype) if dtype == torch.uint8 else base.to(dtype)
 
 
 @FUZZ
 @given(
-    y=label_like(),
-    n=st.one_of(st.integers(-1, 5), st.sampled_from([True, 2.0, None])),
-    classes=st.one_of(st.integers(-1, 12), st.sampled_from([False, 3.5])),
+    n=st.one_of(st.integers(0, 5), st.integers(0, 5), st.sampled_from([-1, True, 2.0, None])),
+    classes=st.one_of(st.integers(1, 12), st.sampled_from([-1, 0, False, 3.5])),
+    data=st.data(),
 )
-def test_check_labels_refuses_or_returns_int64_labels(y: object, n: Any, classes: Any) -> None:
+def test_check_labels_refuses_or_returns_int64_labels(
+    n: Any, classes: Any, data: st.DataObject
+) -> None:
+    y = data.draw(label_like(n, classes))
     ok, out = one_line_error(lambda: check_labels(y, n, classes))
     valid = (
         type(n) is int
@@ -327,8 +342,14 @@ def test_raw_dataset_refuses_or_holds_uint8_images(
     assert ok == valid
 
 
+SMALL_OR_NOT_INT = ANY_VALUE.filter(lambda v: not (type(v) is int and v > 12))  # no 2**70 loops
+
+
 @FUZZ
-@given(n=st.one_of(st.integers(-2, 12), ANY_VALUE), size=st.one_of(st.integers(-1, 5), ANY_VALUE))
+@given(
+    n=st.one_of(st.integers(-2, 12), SMALL_OR_NOT_INT),
+    size=st.one_of(st.integers(-1, 5), ANY_VALUE),
+)
 def test_chunked_refuses_bad_sizes_or_concatenates_every_chunk(n: Any, size: Any) -> None:
     def compute(start: int, stop: int) -> dict[str, torch.Tensor]:
         return {"i": torch.arange(start, stop)}

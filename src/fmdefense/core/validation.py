@@ -29,6 +29,8 @@ def check_images(
         )
     if x.shape[0] == 0:
         raise InputError(f"{name} is an empty batch")
+    if x.numel() == 0:
+        raise InputError(f"{name} has an empty channel or spatial size: shape {tuple(x.shape)}")
     if channels is not None and x.shape[1] != channels:
         raise InputError(f"{name} must have {channels} channel(s), got shape {tuple(x.shape)}")
     if size is not None and tuple(x.shape[2:]) != tuple(size):
