@@ -190,10 +190,25 @@ def test_check_labels_refuses_or_returns_int64_labels(
 # ----------------------------------------------------------------------------- configs
 
 
+POSITIVE = {"epochs", "epochs_dgmm", "epochs_vae", "batch_size", "vae_train", "val", "cle"}
+POSITIVE |= {"limit", "in_channels", "num_classes", "width", "z_s_dim", "z_u_dim", "map_size"}
+POSITIVE |= {"tc_hidden", "lr", "lr_dgmm", "lr_vae", "lr_tc"}
+CHOICES = {
+    "optimizer": {"adam", "sgd"},
+    "variant": {"vector", "maps"},
+    "arch": {"cw_mnist", "small_resnet", "small_vgg"},
+}
+
+
 def well_typed(cfg: Any) -> None:
-    """The oracle for an accepted config: every field holds a value of its annotated type."""
+    """The oracle for an accepted config: every field holds a value of its annotated type;
+    sizes, counts and learning rates are > 0, other numbers >= 0, names are known choices."""
     for f in dataclasses.fields(cfg):
         value, kind = getattr(cfg, f.name), str(f.type)
+        if type(value) in (int, float):
+            assert value > 0 if f.name in POSITIVE else value >= 0, f.name
+        if f.name in CHOICES:
+            assert value in CHOICES[f.name], f.name
         if kind == "int | None":
             assert value is None or (type(value) is int), f.name
         elif kind == "int":
@@ -234,6 +249,22 @@ def test_config_dataclasses_refuse_bad_fields_or_hold_well_typed_values(cls: typ
             assert any(name in str(cfg) for name in fields), str(cfg)
 
     run()
+
+
+BOUNDARY = [0, -1, 1, 0.0, -1e-9, 2.5, None, True, "", "1", math.nan, math.inf, 2**70, [], {}]
+
+
+@pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)
+def test_every_config_field_at_its_boundaries(cls: type) -> None:
+    """Each field alone set to each boundary value: refused naming it, or well typed."""
+    for f in dataclasses.fields(cls):
+        for value in BOUNDARY:
+            fields = {**REQUIRED.get(cls, {}), f.name: value}
+            ok, cfg = one_line_error(lambda fields=fields: cls(**fields))
+            if ok:
+                well_typed(cfg)
+            else:
+                assert f.name in str(cfg), str(cfg)
 
 
 def tiny(cfg: Any) -> bool:
