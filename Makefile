@@ -30,6 +30,7 @@ data: setup $(FMNIST_DIR)/train-images-idx3-ubyte.gz
 lint: setup
 	$(VENV)/bin/ruff check $(wildcard src tests benchmarks)
 	$(VENV)/bin/ruff format --check $(wildcard src tests benchmarks)
+	$(VENV)/bin/lint-imports --no-cache
 
 typecheck: setup
 	$(VENV)/bin/mypy
