@@ -52,13 +52,15 @@ def test_report_table_equals_results_and_a_rerun_reuses_stages(
     split = saved["table2_joint_fpr_5pct"]["breakdown"]["CLE"]  # accept/purify/reject, joint
     assert abs(sum(split.values()) - 1) < 1e-6 and "reject (joint)" in report
     assert set(saved["roc_defenses"]) >= {"FM-Defense", "recon check", "MagNet"}
-    assert set(saved["adaptive"]) >= {"fm", "magnet"}
+    assert set(saved["adaptive"]) >= {"default", "fm", "magnet"}
+    assert "default_joint" in saved["adaptive"]["default"]["attacks"]
     assert adaptive_markdown(saved["adaptive"]) in report
     assert sanity_markdown(saved["adaptive"]) in report
     fm_sanity = saved["adaptive"]["fm"]["attacks"]["joint"]["sanity"]
     assert {"passed", "success_double_restarts", "success_unbounded"} <= set(fm_sanity)
     assert saved["adaptive"]["fm"]["operating_point"].startswith("joint thresholds")
-    assert "Operating points: fm: joint thresholds" in report
+    assert "Operating points: default: " in report and "; fm: joint thresholds" in report
+    assert report.index("| default | default_joint |") < report.index("| fm | joint |")
     assert saved["table2"]["fgsm"]["n"] == 12 and saved["meta"]["counts"]["VAL"] == 24
     figures = ("figure1", "resistance_histograms", "figure4", "figure5", "figure6")
     for name in (*figures, "roc", "roc_defenses"):

@@ -18,6 +18,8 @@ from fmdefense.core.chunks import config_hash
 from fmdefense.core.errors import ArtifactError
 from fmdefense.core.fingerprints import fingerprint, fingerprint_tensor
 from fmdefense.core.paths import weights_home
+from fmdefense.defenses.base import Defense
+from fmdefense.defenses.default import DefaultDefense
 from fmdefense.defenses.defense_gan import DefenseGAN
 from fmdefense.defenses.fm.detector import FMDefense
 from fmdefense.defenses.fm.purifier import Z_U_MODES
@@ -171,6 +173,15 @@ def defensegan_baseline(
     return result, scores
 
 
+def default_operating_point(defense: DefaultDefense) -> str:
+    """How the default defense decides, in words (the adaptive report's operating point)."""
+    cfg = defense.config
+    return (
+        f"{cfg.combine} fusion of {len(defense.names_)} scores, VAL false positives ≤ "
+        f"{cfg.alpha:.0%}, policy {cfg.purify}"
+    )
+
+
 def stage_adaptive(
     run: Path,
     dataset: str,
@@ -181,9 +192,12 @@ def stage_adaptive(
     x_cle: torch.Tensor,
     y_cle: torch.Tensor,
     device: torch.device,
+    *,
+    default: tuple[DefaultDefense, Path] | None = None,
 ) -> dict[str, Any]:
     """Each defense under its own defense-aware attack on the first `adaptive_limit` CLE
-    images, judged on its hard decisions (resumable per attack and ε)."""
+    images, judged on its hard decisions (resumable per attack and ε). `default`: the fitted
+    default defense and the folder it is saved in (whose digest keys its results)."""
     from fmdefense.attacks.adaptive import DEFAULT_ATTACK, run_sweep
     from fmdefense.attacks.adaptive.jobs import artifact_digest
 
@@ -192,7 +206,10 @@ def stage_adaptive(
         rho = profile.adaptive_fm_rho
         fm = defense.with_config(threshold_mode="joint", rho=rho)
         point = f"joint thresholds, VAL false positives ≤ {1 - rho:.0%}"
-    targets: dict[str, tuple[Any, Path, str]] = {"fm": (fm, run / "defense", point)}
+    targets: dict[str, tuple[Defense, Path, str]] = {}
+    if default is not None:
+        targets["default"] = (default[0], default[1], default_operating_point(default[0]))
+    targets["fm"] = (fm, run / "defense", point)
     if "magnet" in baselines:
         magnet = MagNet.load(run / "magnet", clf)
         rate = f"two detectors, VAL drop rate {magnet.config.drop_rate} each"

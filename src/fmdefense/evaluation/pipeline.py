@@ -115,8 +115,18 @@ def run_reproduce(
     results["meta"]["seconds"] = time.perf_counter() - t0
     _write_report(run, results)
     if profile.adaptive_limit > 0:  # long: the report above already holds everything else
+        default_dir = run / "default" / "defense"
         results["adaptive"] = stage_adaptive(
-            run, dataset, profile, clf, defense, baselines, x_cle, y_cle, device
+            run,
+            dataset,
+            profile,
+            clf,
+            defense,
+            baselines,
+            x_cle,
+            y_cle,
+            device,
+            default=(DefaultDefense.load(default_dir, clf, vae), default_dir),
         )
         results["meta"]["seconds"] = time.perf_counter() - t0
         _write_report(run, results)

@@ -158,8 +158,9 @@ def _side_by_side_section(results: dict[str, Any]) -> list[str]:
 
 
 def _by_defense(adaptive: dict[str, Any]) -> list[tuple[str, Any]]:
-    """Defenses in a fixed order (FM-Defense first), whatever order results.json stored."""
-    order = {"fm": 0, "magnet": 1, "defensegan": 2}
+    """Defenses in a fixed order (the default first, then FM-Defense), whatever order
+    results.json stored."""
+    order = {"default": 0, "fm": 1, "magnet": 2, "defensegan": 3}
     return sorted(adaptive.items(), key=lambda kv: (order.get(kv[0], 9), kv[0]))
 
 

@@ -162,12 +162,13 @@ class AdaptiveAttack(ABC):
         return x.detach().float().cpu(), check_labels(y, len(x), num_classes).cpu()
 
     def _eval_mode(self) -> None:
-        """Classifier and every network the defense holds in eval mode (batch norm, dropout)."""
-        held = vars(self.defense).values() if self.defense is not None else ()
-        modules = [self.classifier, *held]
-        for module in modules:
-            if isinstance(module, nn.Module):
-                module.eval()
+        """Classifier and every network the defense holds, alone or in a tuple (the default's
+        autoencoders), in eval mode (batch norm, dropout)."""
+        held = list(vars(self.defense).values()) if self.defense is not None else []
+        for value in [self.classifier, *held]:
+            for module in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(module, nn.Module):
+                    module.eval()
 
     def run(self, x: torch.Tensor, y: torch.Tensor, *, pool: Pool = None) -> AttackResult:
         """Attack images x (n, C, H, W) in [0, 1] with true labels y (n,).

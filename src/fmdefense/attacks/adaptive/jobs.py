@@ -16,7 +16,12 @@ from fmdefense.defenses.base import Defense
 from fmdefense.defenses.registry import DEFENSES
 
 # Default artifact folder of each defense under runs/<dataset>/
-DEFAULT_DIRS = {"fm": "defense", "magnet": "magnet", "defensegan": "defense_gan"}
+DEFAULT_DIRS = {
+    "default": "default/defense",
+    "fm": "defense",
+    "magnet": "magnet",
+    "defensegan": "defense_gan",
+}
 # Models a defense needs beside the classifier (the others hold theirs in their artifact)
 NEEDS_VAE = ("fm", "recon", "default")
 

@@ -1,7 +1,8 @@
 """ADAPTIVE_ATTACKS: registry name → attack class (its factory), and DEFAULT_ATTACK per defense.
 
-- `joint`, `latent`, `square`: FM-Defense; `magnet_joint`: MagNet; `defensegan_bpda`:
-  Defense-GAN; `cw_transfer`: every defense; `undefended`: no defense (the bare classifier).
+- `joint`, `latent`: FM-Defense; `default_joint`: the default defense; `square`: FM-Defense and
+  the default; `magnet_joint`: MagNet; `defensegan_bpda`: Defense-GAN; `cw_transfer`: every
+  defense; `undefended`: no defense (the bare classifier).
 Each factory is called as `factory(classifier, defense, **params)` with its own keyword-only
 hyperparameters; `make_attack` fills the classifier in from the defense.
 """
@@ -15,6 +16,7 @@ from torch import nn
 
 from fmdefense.attacks.adaptive.base import AdaptiveAttack, AttackResult, Pool
 from fmdefense.attacks.adaptive.cw_transfer import CWTransfer
+from fmdefense.attacks.adaptive.default_joint import DefaultJointPGD
 from fmdefense.attacks.adaptive.defensegan_bpda import DefenseGANBPDA
 from fmdefense.attacks.adaptive.joint import JointPGD
 from fmdefense.attacks.adaptive.latent import LatentPGD
@@ -35,10 +37,16 @@ ADAPTIVE_ATTACKS: dict[str, type[AdaptiveAttack]] = {
         UndefendedPGD,
         MagNetJointPGD,
         DefenseGANBPDA,
+        DefaultJointPGD,
     )
 }
 # The adaptive attack each defense is judged by first (the CLI's and the pipeline's default).
-DEFAULT_ATTACK = {"fm": "joint", "magnet": "magnet_joint", "defensegan": "defensegan_bpda"}
+DEFAULT_ATTACK = {
+    "default": "default_joint",
+    "fm": "joint",
+    "magnet": "magnet_joint",
+    "defensegan": "defensegan_bpda",
+}
 
 
 def attack_class(name: str) -> type[AdaptiveAttack]:

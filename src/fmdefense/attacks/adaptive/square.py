@@ -1,12 +1,14 @@
 """`square`: a gradient-free Square-style L∞ random search (after Andriushchenko et al. 2020),
-*hand-written in a few lines, not the reference implementation*, on a score computed from
-FM-Defense's hard decisions; it catches gradient masking the gradient attacks would miss.
+*hand-written in a few lines, not the reference implementation*, on a score computed from the
+hard decisions of FM-Defense or the default defense; it catches gradient masking the gradient
+attacks would miss. `DEFICITS` says, per defense, how far a decision is from acceptance.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -21,7 +23,36 @@ from fmdefense.attacks.adaptive.base import (
 from fmdefense.attacks.adaptive.losses import margin
 from fmdefense.attacks.defended import fooled
 from fmdefense.core.config import check_int, check_range
-from fmdefense.defenses.base import Defense
+from fmdefense.defenses import fusion
+from fmdefense.defenses.base import Decision, Defense
+from fmdefense.defenses.default import DefaultDefense
+from fmdefense.defenses.fm.detector import FMDefense
+
+# (defense, its decision) -> (how far each input is from acceptance (n,) ≥ 0, the largest value)
+Deficit = Callable[[Defense, Decision], tuple[torch.Tensor, float]]
+
+
+def fm_deficit(defense: Defense, dec: Decision) -> tuple[torch.Tensor, float]:
+    """Σ_i max(θ_i + 1/N − r_i, 0) from FM-Defense's own resistance (r_i must exceed θ_i)."""
+    d = cast(FMDefense, defense)
+    need = d.theta_.view(1, -1) + 1.0 / d.config.n_morphs  # (1, codes)
+    deficit = (need - dec.details["resistance"]).clamp(min=0).sum(1)  # (n,)
+    return deficit, float(need.clamp(min=0).sum())
+
+
+def default_deficit(defense: Defense, dec: Decision) -> tuple[torch.Tensor, float]:
+    """How far the fused statistic is above the default's threshold, as a share of the way from
+    the threshold to the largest statistic there is (every p-value at its 1/(n_ref + 1))."""
+    d = cast(DefaultDefense, defense)
+    n_ref, k = d.reference_.shape
+    worst = float(fusion.combine(torch.full((1, k), 1.0 / (n_ref + 1)), d.config.combine)[0])
+    if not math.isfinite(d.threshold_) or worst <= d.threshold_:  # everything (nothing) flagged
+        return dec.flagged.float(), 1.0
+    excess = (dec.scores["fused"].double() - d.threshold_).clamp(min=0)
+    return (excess / (worst - d.threshold_)).float(), 1.0
+
+
+DEFICITS: dict[str, Deficit] = {"fm": fm_deficit, "default": default_deficit}
 
 
 class SquareSearch(AdaptiveAttack):
@@ -30,13 +61,14 @@ class SquareSearch(AdaptiveAttack):
     Start from vertical stripes of ±ε, then per query set one random square (side from the p
     schedule) of each input's perturbation to a fresh ±ε per channel, keeping it when the score
     falls. Score (lower is better for the attacker), with m = max(margin of C(x′) at y, −κ) and
-    deficit = w_detect · Σ_i max(θ_i + 1/N − r_i, 0) from the defense's own resistance: −∞ on
-    success; deficit + m when C(x′) is wrong; else the largest possible deficit + m, so that
+    deficit = w_detect · the defense's `DEFICITS` entry (FM-Defense: Σ_i max(θ_i + 1/N − r_i, 0)
+    from its own resistance; the default: the fused statistic's excess over its threshold): −∞
+    on success; deficit + m when C(x′) is wrong; else the largest possible deficit + m, so that
     crossing the class boundary is always an improvement.
     """
 
     name = "square"
-    defenses = ("fm",)
+    defenses = tuple(DEFICITS)
     budget_params = ("queries",)
     legacy_names: ClassVar[dict[str, str]] = {
         "queries": "square_queries",
@@ -55,7 +87,7 @@ class SquareSearch(AdaptiveAttack):
         *,
         queries: int = 200,
         p_init: float = 0.1,  # initial share of pixels in the square
-        w_detect: float = 10.0,  # weight of the resistance deficit in the score
+        w_detect: float = 10.0,  # weight of the defense's deficit in the score
         kappa: float = 5.0,
         seed: int = 0,
         **common: Any,
@@ -69,11 +101,10 @@ class SquareSearch(AdaptiveAttack):
         self._keep(queries=queries, p_init=p_init, w_detect=w_detect, kappa=kappa, seed=seed)
 
     def _score(self, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        d = self.fm
-        dec = d.decide(x_adv)
-        need = d.theta_.view(1, -1) + 1.0 / d.config.n_morphs  # r_i must exceed θ_i
-        deficit = self.w_detect * (need - dec.details["resistance"]).clamp(min=0).sum(1)  # (n,)
-        ceiling = self.w_detect * need.clamp(min=0).sum()  # largest possible deficit
+        assert self.defense is not None
+        dec = self.defense.decide(x_adv)
+        deficit, most = DEFICITS[self.defense.name](self.defense, dec)  # (n,), float
+        deficit, ceiling = self.w_detect * deficit, self.w_detect * most
         m = margin(batched_logits(self.classifier, x_adv), y, self.kappa)
         score = torch.where(m < 0, deficit + m, ceiling + m)  # any wrong x′ beats any right one
         return torch.where(fooled(dec.label, y), torch.full_like(score, float("-inf")), score)

@@ -1,0 +1,228 @@
+"""`default_joint`: PGD through every score the default defense fuses, under its fused threshold.
+
+The default (`defenses/default.py`) accepts x′ with the label C(x′) unless the fused statistic of
+its scores' clean p-values exceeds its threshold. The attacker knows every model and the clean
+reference scores, and minimises (per input, lower is better)
+
+    w_cls · max(margin(C(x′), y), −κ)
+    + w_stealth · [C(x′) ≠ y] · Σ_k H(ratio_k − (1 − m)),
+        ratio_k = 1 + (g_k(s̃_k) − g_k(t_k)) / (g_k(t_k) − g_k(med_k))
+    [+ w_purify · max(margin(C(x̂), y), −κ)   when the policy purifies]
+
+over the scores k the defense fuses: med_k and t_k are the median and the `quantile` quantile of
+score k on the defense's clean `reference_`, so ratio_k ≤ 1 ⟺ s̃_k ≤ t_k (each g_k is increasing)
+and a score at t_k has a p-value ≈ 1 − quantile; m = `stealth_margin`; x̂ the class-mean
+reconstruction (the purified label is C(x̂)); H(u) = log(1 + max(u, 0)) (`hinge="log"`) or
+max(u, 0) (`"linear"`); the indicator [C(x′) ≠ y] only with `selective` (the default: hide what
+already fools C, after Bryniarski et al. 2022's selective gradient descent). Every term is capped
+below: a satisfied term stops pulling.
+
+Why the 0.9 quantile: with every score at its 0.9 quantile each p-value is ≈ 0.1, so Fisher's
+statistic is −2 · k · ln 0.1 = 46 for the k = 10 MNIST scores, well under the 1 %-α threshold
+measured on MNIST VAL (73.7: correlated scores fatten the clean statistic's tail), and min-p's
+(p ≥ 0.1 against 0.001). `prepare` computes the statistic of that all-at-t_k row for the defense
+attacked and warns when it reaches the threshold (then lower `quantile`).
+
+What keeps the gradient useful:
+
+- s̃ reads the scores at the label the attack heads for, t = the best class other than y
+  (= C(x′) once C(x′) is wrong): the reconstruction checks and DGMM's doubt at t, and
+  −(Z_t − max_{j≠t} Z_j) for the negated margin. Wherever C(x′) ≠ y, s̃ equals the defense's
+  own `raw_scores`; before, it does not pull x′ back toward y, as the defense's scores read at
+  C(x′) = y would.
+- The links g_k: a score 1 − p (reconstruction checks, DGMM's doubt) is read as −log p, and a
+  squeezer's ‖p − q‖₁ as −log Σ_j min(p_j, q_j) = −log(1 − ‖p − q‖₁ / 2), both from
+  log-softmaxes, so a saturated softmax still has a gradient; the other scores as they are.
+- The log hinge: one score 10⁴ spreads above its quantile does not drown the others.
+
+Measured while building it (MNIST VAL images, which only tune the attack; 50 steps): with
+neither the links nor the log hinge, PGD fooled 0 of 8 images at ε = 0.3 (w_stealth 10; the
+reconstruction checks stuck at ratios of 10³–10⁴); with the links and a linear hinge, 0 of 24 at
+ε = 0.15 and 0.2 (w_stealth 0.01); with both, 6 and 10 of 24 (selective, w_stealth 1; 4 and 10
+not selective, w_stealth 0.1; 5 and 9 selective, w_stealth 10).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from fmdefense.attacks.adaptive.base import Pool, check_weight
+from fmdefense.attacks.adaptive.losses import best_wrong_class, margin
+from fmdefense.attacks.adaptive.stealth import StealthPGD
+from fmdefense.core.config import check_choice, check_range
+from fmdefense.defenses.base import Defense
+from fmdefense.defenses.default import DefaultDefense
+from fmdefense.defenses.scores import SQUEEZERS, autoencoder_scores
+
+log = logging.getLogger(__name__)
+HINGES = ("log", "linear")
+Link = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(s: torch.Tensor) -> torch.Tensor:
+    return s
+
+
+def _minus_log_p(s: torch.Tensor) -> torch.Tensor:
+    """A score 1 − p read as −log p."""
+    return -torch.log1p(-s.clamp(max=1 - 1e-12))
+
+
+def _minus_log_overlap(s: torch.Tensor) -> torch.Tensor:
+    """A softmax L1 distance d read as −log(1 − d/2) (−log of the two softmaxes' overlap)."""
+    return -torch.log1p(-(s / 2).clamp(max=1 - 1e-12))
+
+
+LINKS: dict[str, Link] = {  # score-name prefix -> increasing link g
+    "recon_check_": _minus_log_p,
+    "dgmm_doubt": _minus_log_p,
+    "squeeze_": _minus_log_overlap,
+}
+
+
+def link_of(name: str) -> Link:
+    """The link g of a score name (identity unless a `LINKS` prefix matches)."""
+    return next((g for prefix, g in LINKS.items() if name.startswith(prefix)), _identity)
+
+
+def nll(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """−log p[label] from logits (n, K): the link of 1 − p[label]. (n,)"""
+    return -logits.float().log_softmax(1).gather(1, label.view(-1, 1)).squeeze(1)
+
+
+def overlap_nll(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """−log Σ_j min(p_j, q_j) of two softmaxes (n, K): the link of ‖p − q‖₁. (n,)"""
+    both = torch.minimum(logits_a.float().log_softmax(1), logits_b.float().log_softmax(1))
+    return -both.logsumexp(1)
+
+
+def reference_quantiles(
+    reference: torch.Tensor, names: list[str], q: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per score (k,): the `q` quantile t of its clean values (n_ref, k), and g(t) and
+    g(t) − g(median) in its link's space.
+
+    A score with no spread above its median on clean images falls back to its standard deviation
+    there, then to float32's resolution at g(t) (any s̃ > t then costs a ratio far above 1, as
+    the p-value of such a score drops to its minimum)."""
+    ref = reference.double()
+    t, med = torch.quantile(ref, q, dim=0), torch.quantile(ref, 0.5, dim=0)  # (k,) each
+    links = [link_of(k) for k in names]
+    g_t = torch.stack([g(t[i]) for i, g in enumerate(links)])
+    spread = g_t - torch.stack([g(med[i]) for i, g in enumerate(links)])
+    linked_std = torch.stack([g(ref[:, i]).std() for i, g in enumerate(links)])
+    spread = torch.where(spread > 0, spread, linked_std)
+    floor = torch.finfo(torch.float32).eps * g_t.abs().clamp(min=1.0)
+    return t.float(), g_t.float(), torch.maximum(spread, floor).float()
+
+
+class DefaultJointPGD(StealthPGD):
+    """PGD on C(x′)'s margin + every fused score under its clean quantile (+ purified label)."""
+
+    name = "default_joint"
+    defenses = ("default",)
+    quantile: float
+    hinge: str
+    selective: bool
+    w_purify: float
+
+    def __init__(
+        self,
+        classifier: nn.Module,
+        defense: Defense | None = None,
+        *,
+        quantile: float = 0.9,  # each score is pulled under this clean quantile
+        hinge: str = "log",  # log | linear: H of each score's excess ratio
+        selective: bool = True,  # the stealth term only where C(x′) is already wrong
+        w_stealth: float = 1.0,
+        w_purify: float = 1.0,  # weight of the purified label's margin (purifying policies)
+        **stealth: Any,
+    ) -> None:
+        check_range("quantile", quantile, 0.5, 1.0, low_open=True, high_open=True)
+        check_choice("hinge", hinge, HINGES)
+        check_weight("w_purify", w_purify)
+        super().__init__(classifier, defense, w_stealth=w_stealth, **stealth)
+        self._keep(quantile=quantile, hinge=hinge, selective=bool(selective), w_purify=w_purify)
+
+    @property
+    def default(self) -> DefaultDefense:
+        """The default defense attacked (checked at construction)."""
+        return cast(DefaultDefense, self.defense)
+
+    def prepare(self, x: torch.Tensor, y: torch.Tensor, pool: Pool) -> None:
+        d = self.default
+        top, self.g_top_, self.g_spread_ = reference_quantiles(
+            d.reference_, d.names_, self.quantile
+        )  # (k,) each
+        at_top = float(d.statistic(top.view(1, -1))[0])
+        log.debug(
+            "default_joint: statistic %.2f at the quantiles, threshold %.2f", at_top, d.threshold_
+        )
+        if at_top > d.threshold_:
+            log.warning(
+                "default_joint: every score at its %.2f quantile is still flagged (statistic %.2f "
+                "> threshold %.2f): lower quantile",
+                self.quantile,
+                at_top,
+                d.threshold_,
+            )
+
+    def linked_scores(
+        self, x_adv: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """g_k(s̃_k) (n, k) in the defense's `names_` order, read at the attack's label t;
+        C(x′)'s logits (n, K); C(class-mean reconstruction)'s logits (n, K).
+
+        The same networks, in the same composition, as `defenses.scores` (a test holds them
+        equal to the defense's `raw_scores` wherever C(x′) ≠ y)."""
+        d, clf = self.default, self.classifier
+        logits = clf(x_adv)  # (n, K)
+        t = best_wrong_class(logits, y)  # (n,) = C(x′) once C(x′) ≠ y
+        z_s, z_u = d.vae.encode(x_adv)
+        dgmm_logits = d.vae.dgmm.logits(z_u)  # (n, classes)
+        recon = {
+            "feature": d.vae.decode(z_s, z_u),  # (n, C, H, W)
+            "class_mean": d.vae.decode(z_s, d.vae.dgmm.means[dgmm_logits.argmax(1)]),
+        }
+        s: dict[str, torch.Tensor] = {}
+        recon_logits = {}
+        for mode, x_hat in recon.items():
+            s[f"pixel_error_{mode}"] = (x_adv - x_hat).pow(2).flatten(1).sum(1)
+            recon_logits[mode] = clf(x_hat)
+            s[f"recon_check_{mode}"] = nll(recon_logits[mode], t)
+        s["dgmm_doubt"] = nll(dgmm_logits, t)
+        s["margin"] = -margin(logits, t, math.inf)  # −(Z_t − max_{j≠t} Z_j)
+        if d.autoencoders is not None:
+            s |= autoencoder_scores(*d.autoencoders, x_adv)
+        for name in d.config.squeezers:
+            s[f"squeeze_{name}"] = overlap_nll(logits, clf(SQUEEZERS[name](x_adv)))
+        linked = torch.stack([s[k].float() for k in d.names_], 1)
+        return linked, logits, recon_logits["class_mean"]
+
+    def ratios(self, linked: torch.Tensor) -> torch.Tensor:
+        """1 + (g(s̃) − g(t)) / (g(t) − g(median)) per score (n, k): ≤ 1 exactly where s̃ ≤ t."""
+        return 1 + (linked - self.g_top_.to(linked.device)) / self.g_spread_.to(linked.device)
+
+    def excess(self, linked: torch.Tensor) -> torch.Tensor:
+        """Each score's hinge H(ratio − (1 − m)) (n, k)."""
+        over = (self.ratios(linked) - (1 - self.stealth_margin)).clamp(min=0)
+        return torch.log1p(over) if self.hinge == "log" else over
+
+    def loss(
+        self, x_adv: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, gen: torch.Generator
+    ) -> torch.Tensor:
+        linked, logits, purified_logits = self.linked_scores(x_adv, y)
+        total = self.w_cls * margin(logits.float(), y, self.kappa)  # (n,)
+        stealth = self.excess(linked).sum(1)
+        if self.selective:  # hide only what already fools C (Bryniarski et al. 2022)
+            stealth = stealth * (logits.detach().argmax(1) != y)
+        total = total + self.w_stealth * stealth
+        if self.default.config.purify != "reject" and self.w_purify > 0:
+            total = total + self.w_purify * margin(purified_logits.float(), y, self.kappa)
+        return total
