@@ -221,7 +221,9 @@ def stage_adaptive(
     x, y = x_cle[: profile.adaptive_limit], y_cle[: profile.adaptive_limit]
     changes = {} if profile.adaptive_steps is None else {"steps": profile.adaptive_steps}
     out: dict[str, Any] = {}
+    n_default = profile.default_adaptive_limit or profile.adaptive_limit
     for kind, (target, folder, operating_point) in targets.items():
+        n = n_default if kind == "default" else len(x)
         # the digest of the saved defense joins every unit's key: a refit defense recomputes
         source = {
             "dataset": dataset,
@@ -231,8 +233,8 @@ def stage_adaptive(
         }
         out[kind] = run_sweep(
             target,
-            x.to(device),
-            y.to(device),
+            x[:n].to(device),
+            y[:n].to(device),
             [DEFAULT_ATTACK[kind]],
             profile.adaptive_eps,
             run / "adaptive" / kind,
