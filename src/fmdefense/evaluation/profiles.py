@@ -31,10 +31,8 @@ class Profile:
     # FM-Defense's resistance on only the first N images of these sets (its 2,000 morphs per
     # input are the pipeline's dominant cost); every other defense sees whole sets
     fm_limits: tuple[tuple[str, int], ...] = ()
-    default_alpha: float = 0.01
-    default_adaptive_limit: int | None = (
-        None  # the default's adaptive stage (None: adaptive_limit)  # the default defense's clean false-positive rate on VAL
-    )
+    default_alpha: float = 0.01  # the default defense's clean false-positive rate on VAL
+    default_adaptive_limit: int | None = None  # its adaptive stage's images (None: adaptive_limit)
     n_tuning: int = 500  # first N VAL images attacked: the default's tuning set
     seed: int = 0
 
