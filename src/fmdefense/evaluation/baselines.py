@@ -243,3 +243,51 @@ def stage_adaptive(
             unbounded_eps=profile.adaptive_unbounded_eps,
         )
     return out
+
+
+def contract_baseline(
+    run: Path,
+    tag: str,
+    defense: Defense,
+    folder: Path,
+    x_cle: torch.Tensor,
+    y_cle: torch.Tensor,
+    adv_sets: dict[str, AdversarialSet],
+    limit: int | None = None,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Any fitted defense on the contract, on the first `limit` images of each set: Table II
+    and detection by its first score; each set's decisions cached under the artifact's digest."""
+    from fmdefense.attacks.adaptive.jobs import artifact_digest
+
+    digest = artifact_digest(folder)
+    sets = {"CLE": (x_cle[:limit], y_cle[:limit])}
+    sets |= {k: (a.x_adv[:limit], a.y_true[:limit]) for k, a in adv_sets.items()}
+    scores, table = {}, {}
+    for name, (x, y) in sets.items():
+        path = (
+            run
+            / tag
+            / f"{name}-{config_hash({'input': fingerprint_tensor(x), 'defense': digest})}.safetensors"
+        )
+        if path.is_file():
+            out = load_tensors(path)
+        else:
+            dec = defense.decide(x)
+            out = {
+                "label": dec.label,
+                "score": next(iter(dec.scores.values())),
+                "flagged": dec.flagged,
+            }
+            save_tensors(path, out)
+        scores[name] = out["score"]
+        table[name] = (
+            accuracy(out["label"], y) if name == "CLE" else defended_accuracy(out["label"], y)
+        )
+    table["clean"] = table.pop("CLE")
+    s_cle = scores.pop("CLE")
+    result = {
+        "detection": ex.score_detection(s_cle, scores),
+        "table2": table,
+        "n_per_set": len(sets["CLE"][1]),
+    }
+    return result, {"CLE": s_cle, **scores}
