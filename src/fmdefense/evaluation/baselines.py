@@ -264,11 +264,8 @@ def contract_baseline(
     sets |= {k: (a.x_adv[:limit], a.y_true[:limit]) for k, a in adv_sets.items()}
     scores, table = {}, {}
     for name, (x, y) in sets.items():
-        path = (
-            run
-            / tag
-            / f"{name}-{config_hash({'input': fingerprint_tensor(x), 'defense': digest})}.safetensors"
-        )
+        key = config_hash({"input": fingerprint_tensor(x), "defense": digest})
+        path = run / tag / f"{name}-{key}.safetensors"
         if path.is_file():
             out = load_tensors(path)
         else:
