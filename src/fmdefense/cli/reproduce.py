@@ -50,6 +50,7 @@ def _profile_overrides(args: argparse.Namespace) -> dict[str, int]:
 
 def run_command(args: argparse.Namespace) -> None:
     """Run (or resume) the pipeline; print Table II and where the report is."""
+    attacks, baselines = _attacks(args.attacks), _defenses(args.defenses)
     from fmdefense.evaluation.pipeline import run_reproduce
 
     run = default_out(args.out, args.dataset, f"reproduce-{args.profile}")
@@ -58,8 +59,8 @@ def run_command(args: argparse.Namespace) -> None:
         args.profile,
         run,
         resolve_device(args.device),
-        attacks=_attacks(args.attacks),
-        baselines=_defenses(args.defenses),
+        attacks=attacks,
+        baselines=baselines,
         overrides=_profile_overrides(args),
     )
     for name, row in results["table2"].items():

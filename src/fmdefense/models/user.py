@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import logging
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +61,9 @@ def _torchscript(path: Path, device: torch.device) -> nn.Module:
     if not path.is_file():
         raise InputError(f"classifier file {path} does not exist; give {SPEC_FORMS}")
     try:
-        return torch.jit.load(str(path), map_location=device)
+        with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; still supported
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.load(str(path), map_location=device)
     except (RuntimeError, ValueError) as exc:
         raise InputError(
             f"{path} is not a TorchScript file ({str(exc).splitlines()[0]}); fmdefense never "
