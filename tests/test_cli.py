@@ -220,6 +220,19 @@ def test_calibrate_default_writes_a_default_defense(mnist_default: Path) -> None
     assert meta["config"]["defense"]["alpha"] == 0.1
 
 
+def test_defend_a_clean_set_with_a_default_defense(
+    tmp_path: Path, mnist_default: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--input mode loads any defense kind too (here the default defense)."""
+    argv = ["defend", "--input", "clean", "--limit", "6", "--defense", str(mnist_default)]
+    assert main([*argv, "--device", "cpu", "--out", str(tmp_path / "dec")]) == 0
+    metrics = json.loads((tmp_path / "dec" / "metrics.json").read_text())
+    assert metrics["inputs"] == 6 and metrics["accept"] + metrics["reject"] == 6
+    meta = json.loads((tmp_path / "dec" / "config.json").read_text())
+    assert meta["config"]["defense_kind"] == "default_defense"
+    assert "6 inputs: accept" in capsys.readouterr().out
+
+
 def test_defend_images_png_folder_and_npz(
     tmp_path: Path, mnist_default: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

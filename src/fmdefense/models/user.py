@@ -77,7 +77,10 @@ def _from_factory(spec: str, weights: Path | None) -> nn.Module:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise InputError(f"--classifier {spec}: cannot import {module_name!r} ({exc})") from exc
+        raise InputError(
+            f"--classifier {spec}: cannot import {module_name!r} ({exc}); install its package "
+            "or put its folder on PYTHONPATH"
+        ) from exc
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise InputError(f"--classifier {spec}: {module_name} has no callable {attr!r}")
