@@ -46,6 +46,11 @@ def test_broken_artifacts_give_clear_errors(tmp_path: Path) -> None:
         Classifier.load(tmp_path / "none")
     build_classifier("mnist").save(tmp_path / "c")
     (tmp_path / "c" / "model.safetensors").write_bytes(b"\x00" * 40)
+    with pytest.raises(ArtifactError, match=r"has 40 bytes but its config\.json records"):
+        Classifier.load(tmp_path / "c")
+    legacy = json.loads((tmp_path / "c" / "config.json").read_text())
+    del legacy["files"]  # as saved before checksums: the file itself is parsed and refused
+    (tmp_path / "c" / "config.json").write_text(json.dumps(legacy))
     with pytest.raises(ArtifactError, match="corrupt safetensors"):
         Classifier.load(tmp_path / "c")
     build_classifier("mnist").save(tmp_path / "d")

@@ -249,7 +249,7 @@ def test_stage2_consistency_needs_a_classifier_and_freezes_it(tmp_path: Path) ->
     cpu = torch.device("cpu")
     with pytest.raises(InputError, match="needs the target classifier"):
         train_stage2(vae, x, cfg, tmp_path / "a", cpu)
-    with pytest.raises(InputError, match=">= 0"):
+    with pytest.raises(InputError, match=r"w_consistency must lie in \[0"):
         train_stage2(vae, x, dataclasses.replace(cfg, w_consistency=-1.0), tmp_path / "b", cpu, clf)
     (row,) = train_stage2(vae, x, cfg, tmp_path / "c", cpu, clf)
     assert row["consistency"] > 0

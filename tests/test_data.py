@@ -70,8 +70,11 @@ def test_corrupt_cache_names_the_file(idx_folder: Path, data_home: Path) -> None
 def test_missing_sources_say_what_to_do(tmp_path: Path, data_home: Path) -> None:
     with pytest.raises(DataError, match="fmdefense data fetch --dataset mnist"):
         load_raw("mnist")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="apt-get install -y dataset-fashion-mnist"):
         load_raw("fmnist", data_dir=tmp_path / "empty")
+    with pytest.raises(DataError, match="does not exist"):  # never ignored, for every dataset
+        load_raw("orl", data_dir=tmp_path / "nowhere")
     with pytest.raises(DataError, match="unknown dataset"):
         load_raw("cifar")
 
@@ -201,3 +204,73 @@ def test_real_mnist_matches_published_counts() -> None:
         5851,
         5949,
     ]
+
+
+def test_a_cache_with_bad_arrays_or_a_folder_in_its_place_is_refused(
+    idx_folder: Path, data_home: Path
+) -> None:
+    import io
+    import json
+
+    load_raw("mnist", data_dir=idx_folder)
+    npz = next((data_home / "cache").glob("mnist-*.npz"))
+    record = npz.with_suffix(".json")
+    buf = io.BytesIO()  # a cache of 3-D images with a matching checksum: still refused
+    z = np.zeros((4, 28, 28), np.uint8)
+    np.savez(buf, x_train=z, y_train=np.zeros(4, np.int64), x_test=z, y_test=np.zeros(4))
+    npz.write_bytes(buf.getvalue())
+    from fmdefense.core.checksums import sha256_file
+
+    record.write_text(json.dumps({"name": "mnist", "sha256": sha256_file(npz)}))
+    with pytest.raises(DataError, match=rf"{npz.name} holds bad arrays.*uint8 \(N, C, H, W\)"):
+        load_raw("mnist", data_dir=idx_folder)
+    record.write_text("[1, 2]")
+    with pytest.raises(DataError, match="lacks its 'sha256'"):
+        load_raw("mnist", data_dir=idx_folder)
+    record.write_text("{oops")
+    with pytest.raises(DataError, match=rf"corrupt JSON in .*{record.name}"):
+        load_raw("mnist", data_dir=idx_folder)
+    npz.unlink()
+    npz.mkdir()
+    with pytest.raises(DataError, match=rf"{npz.name} is not a file"):
+        load_raw("mnist", data_dir=idx_folder)
+
+
+def test_a_file_as_data_dir_is_refused(idx_folder: Path, data_home: Path) -> None:
+    with pytest.raises(DataError, match="is a file, not a folder"):
+        load_raw("mnist", data_dir=next(idx_folder.iterdir()))
+
+
+def test_orl_from_a_folder_in_the_published_layout(tmp_path: Path, data_home: Path) -> None:
+    for person in range(1, 41):
+        (tmp_path / "orl" / f"s{person}").mkdir(parents=True)
+        for shot in range(1, 11):
+            pix = np.full((112, 92), person + shot, np.uint8).tobytes()
+            (tmp_path / "orl" / f"s{person}" / f"{shot}.pgm").write_bytes(b"P5 92 112 255\n" + pix)
+    ds = load_raw("orl", data_dir=tmp_path / "orl")
+    assert ds.x_train.shape == (320, 1, 64, 64) and int(ds.x_test[0, 0, 5, 5]) == 1 + 9
+    (tmp_path / "orl" / "s3" / "4.pgm").unlink()
+    with pytest.raises(DataError, match=r"s3/4\.pgm"):
+        decode_orl(tmp_path, tmp_path / "orl")
+
+
+@pytest.mark.parametrize(
+    "raw", [b"P5\n# no end", b"P5\nx 3\n255\n", b"P5\n0 3\n255\n", b"P5\n4 -3\n255\n" + b"\0" * 12]
+)
+def test_malformed_pgm_headers_raise_data_error(raw: bytes) -> None:
+    with pytest.raises(DataError, match=r"face\.pgm"):
+        _parse_pgm(raw, "face.pgm")
+
+
+def test_raw_dataset_checks_its_arrays() -> None:
+    x, y = np.zeros((3, 1, 2, 2), np.uint8), np.arange(3)
+    with pytest.raises(DataError, match="images must be uint8"):
+        RawDataset("t", x.astype(np.float32), y, x, y)
+    with pytest.raises(DataError, match="labels must be integers"):
+        RawDataset("t", x, y.astype(float), x, y)
+    with pytest.raises(DataError, match="3 images but 2 labels"):
+        RawDataset("t", x, y[:2], x, y)
+    with pytest.raises(DataError, match=">= 0"):
+        RawDataset("t", x, y - 1, x, y)
+    with pytest.raises(DataError, match="differ in shape"):
+        RawDataset("t", x, y, np.zeros((3, 1, 4, 4), np.uint8), y)

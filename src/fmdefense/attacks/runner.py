@@ -30,15 +30,11 @@ from fmdefense.attacks.library import (
     run_attack,
 )
 from fmdefense.core.artifacts import (
-    CONFIG_FILE,
-    FORMAT_VERSION,
-    METRICS_FILE,
     WEIGHTS_FILE,
     load_tensors,
     read_config,
     read_metrics,
-    save_tensors,
-    write_json,
+    save_artifact,
 )
 from fmdefense.core.chunks import chunked
 from fmdefense.core.errors import ArtifactError, InputError
@@ -180,11 +176,15 @@ def _assemble(
 def _save(
     folder: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], metrics: dict[str, Any]
 ) -> None:
-    """Tensors, then metrics, then config.json last, each atomically: a config implies the rest."""
-    save_tensors(folder / TENSORS_FILE, tensors)
-    write_json(folder / METRICS_FILE, {**metrics, **provenance()})
-    write_json(
-        folder / CONFIG_FILE, {"kind": KIND, "format_version": FORMAT_VERSION, "config": config}
+    """Tensors, then metrics, then config.json (with the tensors' checksum) last, atomically."""
+    metrics = {**metrics, **provenance()}
+    save_artifact(
+        folder,
+        kind=KIND,
+        config=config,
+        tensors=tensors,
+        metrics=metrics,
+        tensors_file=TENSORS_FILE,
     )
 
 

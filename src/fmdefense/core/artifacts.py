@@ -1,26 +1,56 @@
 """Artifacts on disk: one folder holding config.json, model.safetensors and metrics.json.
 
 Everything is written to a temporary name and renamed, so a killed run never leaves a half-written
-file. Nothing here unpickles: weights are safetensors, and so is resume state (its tensors in the
-file's body, everything else as JSON in the file's header metadata).
+file. Nothing here unpickles: weights are safetensors, and so is resume state (`core.resume`).
+config.json records the size and SHA-256 of every tensor file (`files`), and loading checks them:
+a truncated or edited file is refused with a line naming it. Artifacts written before checksums
+existed still load, with a warning that they carry none.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fmdefense.core.errors import ArtifactError
+from fmdefense.core.checksums import check_records, file_record, verify_file
+from fmdefense.core.device import resolve_device
+from fmdefense.core.errors import ArtifactError, InputError
+from fmdefense.core.files import atomic_path, atomic_write_bytes, one_line, read_json, write_json
+from fmdefense.core.resume import (
+    RESUME_FILE,
+    GeneratorState,
+    load_resume_state,
+    save_resume_state,
+)
+
+__all__ = [
+    "CONFIG_FILE",
+    "FORMAT_VERSION",
+    "METRICS_FILE",
+    "RESUME_FILE",
+    "WEIGHTS_FILE",
+    "GeneratorState",
+    "atomic_write_bytes",
+    "load_module",
+    "load_resume_state",
+    "load_tensors",
+    "read_config",
+    "read_json",
+    "read_metrics",
+    "recorded_checksum",
+    "save_artifact",
+    "save_resume_state",
+    "save_tensors",
+    "write_json",
+]
 
 log = logging.getLogger(__name__)
 
@@ -28,47 +58,18 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
-RESUME_FILE = "resume.safetensors"
-_RESUME_META = "fmdefense_resume"  # header metadata key holding the JSON skeleton
-
-
-def _atomic_path(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts are meant to be shared
-    return Path(tmp)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file in the same folder and an atomic rename."""
-    tmp = _atomic_path(path)
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write `obj` as indented JSON atomically."""
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def read_json(path: Path) -> Any:
-    """Read a JSON file, raising ArtifactError naming the file when it is missing or corrupt."""
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"missing file {path}")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"corrupt JSON in {path}: {exc}") from exc
+_META_KEYS = ("kind", "format_version", "config")  # required in every config.json
+_OPTIONAL_META_KEYS = ("files",)  # checksums; absent in artifacts saved before them
+_FIX = "restore the file (git checkout, or copy it again) or re-run the command that wrote it"
+_warned_legacy: set[Path] = set()
 
 
 def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
     """Save a flat dict of tensors as safetensors, atomically (tensors made contiguous on CPU)."""
-    tmp = _atomic_path(Path(path))
+    path = Path(path)
+    if path.is_dir():
+        raise ArtifactError(f"{path} is a directory; remove it or choose another output path")
+    tmp = atomic_path(path)
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
         os.chmod(tmp, 0o644)  # save_file recreates the file with its own mode
@@ -77,15 +78,67 @@ def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Load a safetensors file, raising ArtifactError naming the file when missing or corrupt."""
+def recorded_checksum(path: Path) -> dict[str, Any] | None:
+    """The size/SHA-256 record of `path` in the config.json beside it, if that config has one.
+
+    A config.json of an artifact saved before checksums existed gives None and a warning (once
+    per file); a folder without config.json (chunk caches, stage outputs) gives None silently.
+    """
     path = Path(path)
+    config = path.parent / CONFIG_FILE
+    if not config.is_file():
+        return None
+    meta = read_json(config)
+    if not isinstance(meta, dict) or "kind" not in meta:
+        return None  # not an fmdefense artifact config
+    if "files" not in meta:
+        if path not in _warned_legacy:
+            _warned_legacy.add(path)
+            log.warning(
+                "%s carries no checksum in its config.json (saved before checksums were "
+                "recorded, or by a writer that records none); loading it unverified. Re-save "
+                "the artifact to add one.",
+                path,
+            )
+        return None
+    return check_records(meta["files"], config).get(path.name)
+
+
+def load_tensors(
+    path: Path,
+    device: str | torch.device = "cpu",
+    *,
+    finite: bool = False,
+    fix: str = _FIX,
+) -> dict[str, torch.Tensor]:
+    """Load a safetensors file, verified against the checksum its artifact's config.json records.
+
+    Raises ArtifactError naming the file (and `fix`) when it is missing, corrupt, does not match
+    its checksum or, with `finite`, holds NaN or infinite floats; InputError for a device torch
+    cannot use. Tensors are read on the CPU and then moved to `device`.
+    """
+    path = Path(path)
+    target = resolve_device(str(device))
+    if path.is_dir():
+        raise ArtifactError(f"{path} is a directory, not a safetensors file; {fix}")
     if not path.is_file():
-        raise ArtifactError(f"missing weights file {path}")
+        raise ArtifactError(f"missing weights file {path}; {fix}")
+    record = recorded_checksum(path)
+    if record is not None:
+        verify_file(path, record, fix)
     try:
-        return load_file(str(path), device=str(device))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ArtifactError(f"corrupt safetensors file {path}: {exc}") from exc
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as exc:
+        raise ArtifactError(f"corrupt safetensors file {path} ({one_line(exc)}); {fix}") from exc
+    if finite:
+        _check_finite(path, tensors, fix)
+    return {k: v.to(target) for k, v in tensors.items()} if target.type != "cpu" else tensors
+
+
+def _check_finite(path: Path, tensors: Mapping[str, torch.Tensor], fix: str) -> None:
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ArtifactError(f"{path}: tensor {key!r} holds NaN or infinite values; {fix}")
 
 
 def save_artifact(
@@ -95,122 +148,66 @@ def save_artifact(
     config: Mapping[str, Any],
     tensors: Mapping[str, torch.Tensor],
     metrics: Mapping[str, Any] | None = None,
+    tensors_file: str = WEIGHTS_FILE,
 ) -> None:
-    """Write an artifact folder; the weights land before the config so a config implies weights."""
+    """Write an artifact folder; the weights land before the config so a config implies weights.
+
+    config.json records the size and SHA-256 of the tensors file (`files`), checked on load.
+    """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ArtifactError(f"{folder} exists and is not a folder; choose another output path")
     folder.mkdir(parents=True, exist_ok=True)
-    save_tensors(folder / WEIGHTS_FILE, tensors)
+    save_tensors(folder / tensors_file, tensors)
     if metrics is not None:
         write_json(folder / METRICS_FILE, dict(metrics))
-    write_json(
-        folder / CONFIG_FILE,
-        {"kind": kind, "format_version": FORMAT_VERSION, "config": dict(config)},
-    )
+    meta = {"kind": kind, "format_version": FORMAT_VERSION, "config": dict(config)}
+    meta["files"] = {tensors_file: file_record(folder / tensors_file)}
+    write_json(folder / CONFIG_FILE, meta)
 
 
 def read_config(folder: Path, kind: str) -> dict[str, Any]:
-    """Read an artifact's config.json and check its kind and format version."""
+    """Read an artifact's config.json and check its keys, kind, format version and checksums."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ArtifactError(f"artifact folder {folder} does not exist")
-    meta = read_json(folder / CONFIG_FILE)
-    if not isinstance(meta, dict) or "kind" not in meta or "config" not in meta:
-        raise ArtifactError(f"{folder / CONFIG_FILE} is not an fmdefense artifact config")
+    path = folder / CONFIG_FILE
+    fix = "restore the file or re-create the artifact"
+    if not path.exists():
+        raise ArtifactError(f"{folder} is not an artifact: missing {path}; {fix}")
+    meta = read_json(path)
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{path} must hold a JSON object, got {type(meta).__name__}; {fix}")
+    for key in _META_KEYS:
+        if key not in meta:
+            raise ArtifactError(f"{path} lacks key {key!r} (not an fmdefense artifact); {fix}")
+    unknown = sorted(set(meta) - {*_META_KEYS, *_OPTIONAL_META_KEYS})
+    if unknown:
+        raise ArtifactError(f"{path} has unknown key {unknown[0]!r}; {fix}")
     if meta["kind"] != kind:
         raise ArtifactError(f"{folder} holds a {meta['kind']!r} artifact, expected {kind!r}")
-    if meta.get("format_version") != FORMAT_VERSION:
+    version = meta["format_version"]
+    if version != FORMAT_VERSION or type(version) is not int:
         raise ArtifactError(
-            f"{folder} has format_version {meta.get('format_version')}, expected {FORMAT_VERSION}"
+            f"{path} has format_version {version!r}, expected {FORMAT_VERSION}; {fix}"
         )
+    if not isinstance(meta["config"], dict):
+        got = "null" if meta["config"] is None else type(meta["config"]).__name__
+        raise ArtifactError(f"{path}: 'config' must be a JSON object, got {got}; {fix}")
+    if "files" in meta:
+        check_records(meta["files"], path)
     return dict(meta["config"])
 
 
 def read_metrics(folder: Path) -> dict[str, Any]:
     """Read an artifact's metrics.json (empty dict when absent)."""
     path = Path(folder) / METRICS_FILE
-    return dict(read_json(path)) if path.is_file() else {}
-
-
-def _flatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """`obj` as JSON-ready data; each tensor is moved into `tensors` and left as a reference."""
-    if isinstance(obj, torch.Tensor):
-        key = f"t{len(tensors)}"
-        tensors[key] = obj
-        return {"__tensor__": key}
-    if isinstance(obj, dict):
-        if all(isinstance(k, str) for k in obj):
-            return {"__dict__": {k: _flatten(v, tensors) for k, v in obj.items()}}
-        if all(isinstance(k, int) for k in obj):  # optimizer state is keyed by parameter index
-            return {"__intdict__": [[k, _flatten(v, tensors)] for k, v in obj.items()]}
-        raise TypeError(f"resume state: dict keys must be all str or all int, got {list(obj)}")
-    if isinstance(obj, list | tuple):
-        items = [_flatten(v, tensors) for v in obj]
-        return {"__tuple__": items} if isinstance(obj, tuple) else items
-    if obj is None or isinstance(obj, bool | int | float | str):
-        return obj
-    raise TypeError(f"resume state cannot hold a {type(obj).__name__}")
-
-
-def _unflatten(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    """Inverse of `_flatten`; a malformed node raises ValueError."""
-    if isinstance(obj, list):
-        return [_unflatten(v, tensors) for v in obj]
-    if not isinstance(obj, dict):
-        return obj
-    if len(obj) != 1:
-        raise ValueError(f"malformed node with keys {sorted(obj)}")
-    ((tag, body),) = obj.items()
-    if tag == "__tensor__" and isinstance(body, str) and body in tensors:
-        return tensors[body]
-    if tag == "__dict__" and isinstance(body, dict):
-        return {k: _unflatten(v, tensors) for k, v in body.items()}
-    if tag == "__intdict__" and isinstance(body, list):
-        if not all(isinstance(kv, list) and len(kv) == 2 and type(kv[0]) is int for kv in body):
-            raise ValueError("malformed __intdict__ node")
-        return {k: _unflatten(v, tensors) for k, v in body}
-    if tag == "__tuple__" and isinstance(body, list):
-        return tuple(_unflatten(v, tensors) for v in body)
-    raise ValueError(f"malformed {tag!r} node")
-
-
-def save_resume_state(folder: Path, state: Mapping[str, Any]) -> None:
-    """Save optimizer/model/epoch state for resuming, as one safetensors file written atomically.
-
-    Tensors (weights, optimizer moments, RNG states) go in the body; the nesting and the plain
-    values (epochs, history, configs) go as JSON in the header metadata, so one rename publishes
-    both together.
-    """
-    path = Path(folder) / RESUME_FILE
-    tensors: dict[str, torch.Tensor] = {}
-    skeleton = json.dumps(_flatten(dict(state), tensors))
-    tmp = _atomic_path(path)
-    try:
-        # contiguous copies: safetensors refuses shared storage (tied weights) and strided layouts
-        body = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-        save_file(body, str(tmp), metadata={_RESUME_META: skeleton})
-        os.chmod(tmp, 0o644)  # save_file recreates the file with its own mode
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def load_resume_state(folder: Path) -> dict[str, Any] | None:
-    """Load the state `save_resume_state` wrote (no unpickling); None when absent."""
-    path = Path(folder) / RESUME_FILE
-    if not path.is_file():
-        if (Path(folder) / "resume.pt").is_file():
-            log.warning("%s: ignoring resume.pt (old pickle format); training starts over", folder)
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as f:  # one open: header and tensors agree
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-        state = _unflatten(json.loads(meta[_RESUME_META]), tensors)
-    except (SafetensorError, OSError, KeyError, ValueError, RecursionError) as exc:
-        raise ArtifactError(f"corrupt resume state {path}: {exc}; delete it to start over") from exc
-    if not isinstance(state, dict):
-        raise ArtifactError(f"corrupt resume state {path}: not a mapping; delete it to start over")
-    return state
+    if not path.exists():
+        return {}
+    metrics = read_json(path)
+    if not isinstance(metrics, dict):
+        raise ArtifactError(f"{path} must hold a JSON object, got {type(metrics).__name__}")
+    return metrics
 
 
 M = TypeVar("M", bound=nn.Module)
@@ -222,29 +219,47 @@ def load_module(
     build: Callable[[dict[str, Any]], M],
     device: str | torch.device = "cpu",
 ) -> M:
-    """Rebuild a network from its artifact: `build(config)` then its safetensors weights.
+    """Rebuild a network from its artifact: `build(config)` then its verified, finite weights.
 
-    The config's `image_size` list becomes a tuple; mismatched weights raise ArtifactError.
+    The config's `image_size` list becomes a tuple. A config `build` refuses (InputError, or
+    TypeError for unexpected keys) and weights that do not fit the network raise ArtifactError.
     """
+    target = resolve_device(str(device))
+    folder = Path(folder)
     raw = read_config(folder, kind)
-    if "image_size" in raw:
+    if isinstance(raw.get("image_size"), list):
         raw["image_size"] = tuple(raw["image_size"])
-    model = build(raw)
     try:
-        model.load_state_dict(load_tensors(Path(folder) / WEIGHTS_FILE, device))
+        model = build(raw)
+    except (InputError, TypeError) as exc:
+        raise ArtifactError(
+            f"{folder / CONFIG_FILE}: {one_line(exc)}; fix the file or re-create the artifact"
+        ) from exc
+    path = folder / WEIGHTS_FILE
+    state = load_tensors(path, finite=True)
+    _check_state(path, model, state)
+    try:
+        model.load_state_dict(state)
     except RuntimeError as exc:
-        raise ArtifactError(f"weights in {folder} do not match its config: {exc}") from exc
-    return model.to(device).eval()
+        raise ArtifactError(f"weights in {path} do not match its config: {one_line(exc)}") from exc
+    return model.to(target).eval()
 
 
-class GeneratorState:
-    """Adapter so a torch.Generator resumes like a module (state_dict / load_state_dict)."""
-
-    def __init__(self, gen: torch.Generator) -> None:
-        self.gen = gen
-
-    def state_dict(self) -> torch.Tensor:
-        return self.gen.get_state()
-
-    def load_state_dict(self, state: torch.Tensor) -> None:
-        self.gen.set_state(state)
+def _check_state(path: Path, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse weights whose names, shapes or dtypes differ from the network's (one line)."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        which = f"lacks {missing[0]!r}" if missing else f"has unexpected {unexpected[0]!r}"
+        raise ArtifactError(
+            f"weights in {path} do not match its config: {which} "
+            f"({len(missing)} missing, {len(unexpected)} unexpected tensors); {_FIX}"
+        )
+    for key, ref in expected.items():
+        got = state[key]
+        if got.shape != ref.shape or got.dtype != ref.dtype:
+            raise ArtifactError(
+                f"weights in {path} do not match its config: {key!r} is {got.dtype} "
+                f"{tuple(got.shape)}, expected {ref.dtype} {tuple(ref.shape)}; {_FIX}"
+            )

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from fmdefense.core.artifacts import load_tensors, read_json, save_tensors, write_json
+from fmdefense.core.config import check_int
 from fmdefense.core.errors import ArtifactError
+from fmdefense.core.progress import progress
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -46,16 +47,18 @@ def chunked(
     `upgrade(start, stop, saved)` may return a corrected chunk for one written by an older
     version (it is saved in place), or None to keep the saved chunk as it is.
     """
+    check_int("n", n, low=0)
+    check_int("chunk_size", chunk_size, low=1)
     starts = list(range(0, n, chunk_size))
     if folder is not None:
         _check_manifest(Path(folder), {"config": config_hash(config), "n": n, "chunk": chunk_size})
     parts: list[dict[str, torch.Tensor]] = []
     done = 0
-    for start in tqdm(starts, desc=desc, unit="chunk", disable=None):
+    for start in progress(starts, desc=desc, unit="chunk"):
         stop = min(start + chunk_size, n)
         path = Path(folder) / f"chunk-{start:07d}.safetensors" if folder is not None else None
         if path is not None and path.is_file():
-            saved = load_tensors(path)
+            saved = load_tensors(path, fix=f"delete {path} to recompute that chunk")
             fixed = upgrade(start, stop, saved) if upgrade is not None else None
             if fixed is not None:
                 save_tensors(path, fixed)
@@ -75,7 +78,9 @@ def chunked(
 
 def _check_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     path = folder / MANIFEST
-    if path.is_file():
+    if folder.exists() and not folder.is_dir():
+        raise ArtifactError(f"{folder} is a file, not a chunk folder; remove it or use another")
+    if path.exists():
         found = read_json(path)
         if found != manifest:
             raise ArtifactError(

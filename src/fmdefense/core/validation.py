@@ -29,6 +29,8 @@ def check_images(
         )
     if x.shape[0] == 0:
         raise InputError(f"{name} is an empty batch")
+    if x.numel() == 0:
+        raise InputError(f"{name} has an empty channel or spatial size: shape {tuple(x.shape)}")
     if channels is not None and x.shape[1] != channels:
         raise InputError(f"{name} must have {channels} channel(s), got shape {tuple(x.shape)}")
     if size is not None and tuple(x.shape[2:]) != tuple(size):
@@ -39,18 +41,31 @@ def check_images(
         raise InputError(f"{name} contains NaN or infinite values")
     lo, hi = float(x.min()), float(x.max())
     if lo < 0.0 or hi > 1.0:
-        raise InputError(f"{name} must lie in [0, 1], got values in [{lo:.9g}, {hi:.9g}]")
+        raise InputError(f"{name} must lie in [0, 1], got values in [{_bound(lo)}, {_bound(hi)}]")
     return x if x.dtype == torch.float32 else x.float()
 
 
+def _bound(value: float) -> str:
+    """`value` in 9 significant digits, or in full where rounding would land it on a bound of
+    [0, 1] that it does not equal (1 + 1e-12 must not read "1")."""
+    short = f"{value:.9g}"
+    return repr(value) if float(short) in (0.0, 1.0) and float(short) != value else short
+
+
 def check_labels(y: object, n: int, num_classes: int, name: str = "y") -> torch.Tensor:
-    """Return `y` as int64 if it is a label vector of length `n` within [0, num_classes)."""
+    """Return `y` as int64 if it is a label vector (n,) of integers within [0, num_classes);
+    raise InputError naming what is wrong (2-D or one-hot labels, floats, bools, range)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise InputError(f"the number of labels expected must be an integer >= 0, got {n!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise InputError(f"num_classes must be an integer >= 1, got {num_classes!r}")
     if not isinstance(y, torch.Tensor):
         raise InputError(f"{name} must be a torch.Tensor of labels, got {type(y).__name__}")
     if y.dim() != 1 or y.shape[0] != n:
-        raise InputError(f"{name} must have shape ({n},), got {tuple(y.shape)}")
-    if y.is_floating_point() or y.dtype == torch.bool:
-        raise InputError(f"{name} must hold integer labels, got dtype {y.dtype}")
+        hint = " (class indices, not one-hot or 2-D labels)" if y.dim() > 1 else ""
+        raise InputError(f"{name} must have shape ({n},){hint}, got {tuple(y.shape)}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise InputError(f"{name} must hold integer class indices, got dtype {y.dtype}")
     if n and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise InputError(
             f"{name} must lie in [0, {num_classes}), got [{int(y.min())}, {int(y.max())}]"

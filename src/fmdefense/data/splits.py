@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fmdefense.core.config import check_bool, check_int
 from fmdefense.core.errors import DataError
 from fmdefense.data.sources import RawDataset
 
@@ -29,6 +30,13 @@ class SplitConfig:
     cle: int = 5_000
     per_identity: bool = False  # one VAL image per identity, CLE = whole test part
 
+    def __post_init__(self) -> None:
+        """Every field checked: a bad value fails here, naming the field and what is allowed."""
+        check_int("seed", self.seed, low=0, high=2**32 - 1)  # numpy's default_rng range
+        for name in ("vae_train", "val", "cle"):
+            check_int(name, getattr(self, name), low=1, high=10**9)
+        check_bool("per_identity", self.per_identity)
+
 
 DEFAULT_SPLITS: dict[str, SplitConfig] = {
     "mnist": SplitConfig(),
@@ -44,6 +52,8 @@ def _per_identity_val(labels: np.ndarray, rng: np.random.Generator) -> np.ndarra
 
 def make_splits(ds: RawDataset, cfg: SplitConfig) -> dict[str, np.ndarray]:
     """Index arrays per split: train-part indices except `cle`/`test`, which index the test part."""
+    if not isinstance(cfg, SplitConfig):
+        raise DataError(f"splits need a SplitConfig, got {type(cfg).__name__}")
     rng = np.random.default_rng(cfg.seed)
     n_train, n_test = len(ds.y_train), len(ds.y_test)
     if cfg.per_identity:
@@ -78,7 +88,7 @@ def split_tensors(
     ds: RawDataset, name: str, cfg: SplitConfig | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (float in [0, 1], (N, C, H, W)) and labels (int64) of one split."""
-    if name not in SPLIT_NAMES:
+    if not isinstance(name, str) or name not in SPLIT_NAMES:
         raise DataError(f"unknown split {name!r}; choose one of {', '.join(SPLIT_NAMES)}")
     cfg = cfg or DEFAULT_SPLITS.get(ds.name, SplitConfig())
     idx = make_splits(ds, cfg)[name]

@@ -56,7 +56,8 @@ PROFILES: dict[str, Profile] = {
         precision="bf16",
         adaptive_limit=500,
         adaptive_fm_rho=0.95,
-        fm_limits=(("cw_l2-kappa20", 1000), ("pgd_linf-eps0.3", 1000), ("pgd_linf-eps0.1", 1000)),
+        fm_limits=(("cw_l2-kappa20", 500), ("pgd_linf-eps0.3", 500), ("pgd_linf-eps0.1", 500)),
+        n_tuning=300,
     ),
     # 300 VAL images cannot support ρ = 0.999 (it allows 0.3 flagged images per code).
     "quick": Profile(

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from fmdefense.core.artifacts import load_module, save_artifact
-from fmdefense.core.errors import ArtifactError
-from fmdefense.core.validation import check_images
+from fmdefense.core.config import check_choice, check_int, check_pair, dataclass_kwargs
+from fmdefense.core.errors import InputError
+from fmdefense.core.validation import check_images, check_labels
 
 KIND = "classifier"
 
@@ -32,6 +33,25 @@ class ClassifierConfig:
     num_classes: int = 10
     width: int = 32
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Every field checked, so a bad config fails here and not deep inside torch."""
+        check_choice("arch", self.arch, tuple(ARCHITECTURES))
+        check_int("in_channels", self.in_channels, low=1, high=64)
+        # CWMnist and SmallVGG halve the size 2 and 4 times: below 16 pixels nothing is left
+        check_pair("image_size", self.image_size, low=16, high=1024)
+        check_int("num_classes", self.num_classes, low=2, high=100_000)
+        check_int("width", self.width, low=1, high=512)
+        if not isinstance(self.extra, dict):
+            raise InputError(f"extra must be a JSON object, got {type(self.extra).__name__}")
+
+    @classmethod
+    def from_dict(
+        cls, raw: object, what: str = "classifier config", *, complete: bool = False
+    ) -> ClassifierConfig:
+        """Rebuild from JSON: unknown or missing keys and wrong types give one clear line; with
+        `complete` (a saved artifact), every field must be present."""
+        return cls(**dataclass_kwargs(cls, raw, what, tuples=True, complete=complete))
 
 
 class CWMnist(nn.Module):
@@ -156,10 +176,8 @@ class Classifier(nn.Module):
 
     def __init__(self, cfg: ClassifierConfig) -> None:
         super().__init__()
-        if cfg.arch not in ARCHITECTURES:
-            raise ArtifactError(
-                f"unknown classifier arch {cfg.arch!r}; known: {list(ARCHITECTURES)}"
-            )
+        if not isinstance(cfg, ClassifierConfig):
+            raise InputError(f"Classifier needs a ClassifierConfig, got {type(cfg).__name__}")
         self.cfg = cfg
         self.net = ARCHITECTURES[cfg.arch](cfg)
 
@@ -168,13 +186,18 @@ class Classifier(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Validated forward pass for public use (shape, dtype, range, finiteness)."""
-        check_images(x, channels=self.cfg.in_channels, size=self.cfg.image_size)
+        x = check_images(x, channels=self.cfg.in_channels, size=self.cfg.image_size)
         return self.net(x)
+
+    def check_labels(self, y: object, n: int, name: str = "y") -> torch.Tensor:
+        """`y` as int64 if it is a label vector (n,) within this classifier's classes."""
+        return check_labels(y, n, self.cfg.num_classes, name)
 
     @torch.inference_mode()
     def predict(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
         """Labels (N,) for validated images, in eval mode, batched."""
-        check_images(x, channels=self.cfg.in_channels, size=self.cfg.image_size)
+        x = check_images(x, channels=self.cfg.in_channels, size=self.cfg.image_size)
+        check_int("batch_size", batch_size, low=1)
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
@@ -194,13 +217,15 @@ class Classifier(nn.Module):
     @classmethod
     def load(cls, folder: Path, device: str | torch.device = "cpu") -> Classifier:
         """Rebuild from an artifact folder (no pickle); raises ArtifactError when broken."""
-        return load_module(folder, KIND, lambda raw: cls(ClassifierConfig(**raw)), device)
+        return load_module(
+            folder, KIND, lambda raw: cls(ClassifierConfig.from_dict(raw, complete=True)), device
+        )
 
 
 def build_classifier(dataset: str) -> Classifier:
     """A fresh, untrained classifier with the default architecture for `dataset`."""
-    if dataset not in DATASET_CLASSIFIERS:
-        raise ArtifactError(
+    if not isinstance(dataset, str) or dataset not in DATASET_CLASSIFIERS:
+        raise InputError(
             f"no classifier for dataset {dataset!r}; known: {list(DATASET_CLASSIFIERS)}"
         )
     return Classifier(DATASET_CLASSIFIERS[dataset])

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from fmdefense.core.artifacts import load_module, save_artifact
-from fmdefense.core.errors import ArtifactError, InputError
+from fmdefense.core.config import check_choice, check_int, check_pair, dataclass_kwargs
+from fmdefense.core.errors import InputError
 from fmdefense.core.validation import check_images
 from fmdefense.models.losses import lgm_logits
 
@@ -38,6 +39,34 @@ class ComboVAEConfig:
     map_size: int = 8  # n (maps variant)
     width: int = 32
     tc_hidden: int = 256
+
+    def __post_init__(self) -> None:
+        """Every field checked, including the image size each variant's networks produce."""
+        check_choice("variant", self.variant, ("vector", "maps"))
+        check_int("in_channels", self.in_channels, low=1, high=64)
+        check_int("num_classes", self.num_classes, low=2, high=100_000)
+        check_int("z_s_dim", self.z_s_dim, low=1, high=4096)
+        check_int("z_u_dim", self.z_u_dim, low=1, high=4096)
+        check_int("map_size", self.map_size, low=1, high=128)
+        check_int("width", self.width, low=2, high=1024)  # the vector decoder halves it
+        check_int("tc_hidden", self.tc_hidden, low=1, high=65_536)
+        check_pair("image_size", self.image_size, low=1, high=1024)
+        # the vector networks are built for 28×28; the maps ones map n×n codes to 8n×8n images
+        side = 28 if self.variant == "vector" else 8 * self.map_size
+        if self.image_size != (side, side):
+            raise InputError(
+                f"image_size must be ({side}, {side}) for the {self.variant!r} variant"
+                f"{' with map_size ' + str(self.map_size) if self.variant == 'maps' else ''}, "
+                f"got {self.image_size}"
+            )
+
+    @classmethod
+    def from_dict(
+        cls, raw: object, what: str = "combo-VAE config", *, complete: bool = False
+    ) -> ComboVAEConfig:
+        """Rebuild from JSON: unknown or missing keys and wrong types give one clear line; with
+        `complete` (a saved artifact), every field must be present."""
+        return cls(**dataclass_kwargs(cls, raw, what, tuples=True, complete=complete))
 
 
 def _act() -> nn.Module:
@@ -213,8 +242,8 @@ class ComboVAE(nn.Module):
 
     def __init__(self, cfg: ComboVAEConfig) -> None:
         super().__init__()
-        if cfg.variant not in ("vector", "maps"):
-            raise ArtifactError(f"unknown combo-VAE variant {cfg.variant!r}")
+        if not isinstance(cfg, ComboVAEConfig):
+            raise InputError(f"ComboVAE needs a ComboVAEConfig, got {type(cfg).__name__}")
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.dgmm = DGMM(cfg)
@@ -234,11 +263,15 @@ class ComboVAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(z_s mean, z_u): (B, d_s) or (B, C, n, n), and (B, K)."""
-        self._check(x)
+        x = self._check(x)
         return self.encoder(x)[0], self.dgmm(x)
 
     def decode(self, z_s: torch.Tensor, z_u: torch.Tensor) -> torch.Tensor:
         """Images (B, C_img, H, W) in (0, 1) from z_s and z_u."""
+        c, n = self.cfg, self.cfg.map_size
+        z_s_shape = (c.z_s_dim,) if c.variant == "vector" else (c.z_s_dim, n, n)
+        _check_code("z_s", z_s, z_s_shape)
+        _check_code("z_u", z_u, (c.z_u_dim,), len(z_s))
         return self.decoder(z_s, z_u)
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
@@ -249,18 +282,19 @@ class ComboVAE(nn.Module):
     def decode_codes(self, codes: torch.Tensor, z_u: torch.Tensor | None = None) -> torch.Tensor:
         """Inverse layout of `codes`; the maps variant needs the z_u kept fixed beside them."""
         if self.cfg.variant == "vector":
+            _check_code("codes", codes, (self.num_codes,))
             return self.decoder(codes[:, : self.cfg.z_s_dim], codes[:, self.cfg.z_s_dim :])
         if z_u is None:
             raise InputError("decode_codes of a feature-map combo-VAE needs z_u (B, K)")
-        return self.decoder(codes, z_u)
+        return self.decode(codes, z_u)
 
     def reconstruct(self, x: torch.Tensor, z_u_mode: str = "feature") -> torch.Tensor:
         """D(E_s(x) ⊕ z_u) with z_u = DGMM's feature vector ("feature") or its class mean μ_ĉ."""
+        if z_u_mode not in ("feature", "class_mean"):
+            raise InputError(f"z_u_mode must be 'feature' or 'class_mean', got {z_u_mode!r}")
         z_s, z_u = self.encode(x)
         if z_u_mode == "class_mean":
             z_u = self.dgmm.class_means(z_u)
-        elif z_u_mode != "feature":
-            raise InputError(f"z_u_mode must be 'feature' or 'class_mean', got {z_u_mode!r}")
         return self.decoder(z_s, z_u)
 
     def save(self, folder: Path, metrics: dict[str, Any] | None = None) -> None:
@@ -272,7 +306,18 @@ class ComboVAE(nn.Module):
     @classmethod
     def load(cls, folder: Path, device: str | torch.device = "cpu") -> ComboVAE:
         """Rebuild from an artifact folder (no pickle)."""
-        return load_module(folder, KIND, lambda raw: cls(ComboVAEConfig(**raw)), device)
+        return load_module(
+            folder, KIND, lambda raw: cls(ComboVAEConfig.from_dict(raw, complete=True)), device
+        )
+
+
+def _check_code(name: str, z: object, shape: tuple[int, ...], batch: int | None = None) -> None:
+    """Refuse a code tensor whose shape is not (B, *shape) (shape checks only: a hot path)."""
+    if not isinstance(z, torch.Tensor) or not z.is_floating_point():
+        raise InputError(f"{name} must be a floating-point tensor (B, {shape}), got {z!r:.60}")
+    if tuple(z.shape[1:]) != shape or (batch is not None and len(z) != batch):
+        want = f"({batch if batch is not None else 'B'}, {', '.join(map(str, shape))})"
+        raise InputError(f"{name} must have shape {want}, got {tuple(z.shape)}")
 
 
 DATASET_VAES: dict[str, ComboVAEConfig] = {

@@ -13,14 +13,31 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fmdefense.core.config import check_range
+from fmdefense.core.errors import InputError
+
+
+def _same_shape(a: torch.Tensor, b: torch.Tensor, names: str) -> None:
+    """Refuse shapes that would broadcast into a silently wrong loss."""
+    if a.shape != b.shape:
+        raise InputError(
+            f"{names} must have the same shape, got {tuple(a.shape)}, {tuple(b.shape)}"
+        )
+
 
 def kl_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) ‖ N(0, 1)) per element, same shape as `mu`."""
+    _same_shape(mu, logvar, "mu and logvar")
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
 
 
 def mahalanobis(z: torch.Tensor, means: torch.Tensor, log_vars: torch.Tensor) -> torch.Tensor:
     """Half squared Mahalanobis distance of each z to each class.  (B, K), (C, K) -> (B, C)."""
+    if z.dim() != 2 or means.dim() != 2 or z.shape[1] != means.shape[1]:
+        raise InputError(
+            f"z (B, K) and means (C, K) do not fit: {tuple(z.shape)}, {tuple(means.shape)}"
+        )
+    _same_shape(means, log_vars, "means and log_vars")
     diff = z.unsqueeze(1) - means.unsqueeze(0)  # (B, C, K)
     return 0.5 * (diff.pow(2) * torch.exp(-log_vars).unsqueeze(0)).sum(-1)
 
@@ -49,6 +66,10 @@ def lgm_loss(
     lambda_lkd: float = 0.1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(L_GM, L_cls, L_lkd), batch means. L_lkd = −log N(z; μ_y, Σ_y) up to a constant."""
+    check_range("margin", margin, 0.0, 100.0)
+    check_range("lambda_lkd", lambda_lkd, 0.0, 1e4)
+    if y.dim() != 1 or len(y) != len(z) or y.is_floating_point():
+        raise InputError(f"y must be integer labels ({len(z)},), got {y.dtype} {tuple(y.shape)}")
     logits = lgm_logits(z, means, log_vars, y, margin)
     l_cls = F.cross_entropy(logits, y)
     d_true = mahalanobis(z, means, log_vars).gather(1, y.view(-1, 1)).squeeze(1)
@@ -77,6 +98,7 @@ def discriminator_loss(d_joint: torch.Tensor, d_product: torch.Tensor) -> torch.
 
 def bernoulli_nll(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """L_R: binary cross-entropy summed over pixels, mean over the batch (recon in (0, 1))."""
+    _same_shape(recon, x, "recon and x")
     eps = 1e-6
     r = recon.clamp(eps, 1 - eps)
     return -(x * torch.log(r) + (1 - x) * torch.log(1 - r)).flatten(1).sum(1).mean()

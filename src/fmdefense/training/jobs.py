@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -11,6 +10,8 @@ from typing import Any
 import torch
 
 from fmdefense.core.artifacts import RESUME_FILE
+from fmdefense.core.config import replace_fields
+from fmdefense.core.errors import InputError
 from fmdefense.core.paths import classifier_dir
 from fmdefense.core.provenance import provenance
 from fmdefense.data import load_raw, split_tensors
@@ -30,13 +31,13 @@ def run_train_classifier(
     data_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Train the dataset's classifier on its training split and save the artifact."""
+    if dataset not in TRAIN_CONFIGS:
+        known = ", ".join(TRAIN_CONFIGS)
+        raise InputError(f"no classifier training settings for {dataset!r}; known: {known}")
+    overrides = {k: v for k, v in (("epochs", epochs), ("seed", seed)) if v is not None}
+    cfg = replace_fields(TRAIN_CONFIGS[dataset], overrides, "classifier training config")
+    model = build_classifier(dataset)  # before the data: a bad request fails at once
     ds = load_raw(dataset, data_dir=data_dir)
-    cfg = TRAIN_CONFIGS[dataset]
-    if epochs is not None:
-        cfg = dataclasses.replace(cfg, epochs=epochs)
-    if seed is not None:
-        cfg = dataclasses.replace(cfg, seed=seed)
-    model = build_classifier(dataset)
     train = split_tensors(ds, "classifier_train")
     t0 = time.perf_counter()
     result = train_classifier(model, train, split_tensors(ds, "val"), cfg, out_dir, device)

@@ -12,9 +12,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from fmdefense.core.artifacts import RESUME_FILE, load_resume_state, save_resume_state
+from fmdefense.core.config import check_bool, check_choice, check_int, check_range
+from fmdefense.core.errors import InputError
+from fmdefense.core.progress import progress
+from fmdefense.core.validation import check_images
 from fmdefense.models.classifiers import Classifier
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,20 @@ class TrainConfig:
     hflip: bool = False
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        """Every field checked: a bad value fails here, naming the field and what is allowed."""
+        check_int("epochs", self.epochs, low=1, high=100_000)
+        check_int("batch_size", self.batch_size, low=1, high=1_000_000)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_range("lr", self.lr, 0.0, 10.0, low_open=True)
+        check_range("weight_decay", self.weight_decay, 0.0, 1.0)
+        check_int("shift", self.shift, low=0, high=64)
+        check_bool("hflip", self.hflip)
+        check_int("seed", self.seed, low=0, high=2**63 - 1)
+
+
+OPTIMIZERS = ("adam", "sgd")
+
 
 TRAIN_CONFIGS: dict[str, TrainConfig] = {
     "mnist": TrainConfig(epochs=12, optimizer="adam", lr=1e-3, shift=2),
@@ -50,6 +67,7 @@ TRAIN_CONFIGS: dict[str, TrainConfig] = {
 
 def augment(x: torch.Tensor, shift: int, hflip: bool, gen: torch.Generator) -> torch.Tensor:
     """Random integer translation (zero fill) and optional horizontal flip, per sample."""
+    check_int("shift", shift, low=0, high=64)
     if shift > 0:
         n, _, h, w = x.shape
         padded = F.pad(x, (shift, shift, shift, shift))
@@ -82,8 +100,18 @@ def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 @torch.inference_mode()
 def accuracy(model: Classifier, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
-    """Share of `x` whose predicted label equals `y`."""
+    """Share of `x` whose predicted label equals `y` (labels checked against the classifier)."""
+    y = model.check_labels(y, len(x) if isinstance(x, torch.Tensor) else 0)
     return float((model.predict(x, batch_size) == y).float().mean())
+
+
+def _checked(model: Classifier, data: object, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """An (images, labels) pair checked for shape, dtype and range against the classifier."""
+    if not isinstance(data, tuple | list) or len(data) != 2:
+        raise InputError(f"{name} must be a pair (images, labels), got {type(data).__name__}")
+    c = model.cfg
+    x = check_images(data[0], channels=c.in_channels, size=c.image_size, name=f"{name} images")
+    return x, model.check_labels(data[1], len(x), f"{name} labels")
 
 
 def train_classifier(
@@ -98,9 +126,12 @@ def train_classifier(
 
     A run that finds `resume.safetensors` in `out_dir` continues from its last finished epoch.
     """
+    if not isinstance(cfg, TrainConfig):
+        raise InputError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    x_train, y_train = _checked(model, train, "train")
+    val = _checked(model, val, "val")
     torch.manual_seed(cfg.seed)
     model.to(device)
-    x_train, y_train = train
     opt = _make_optimizer(model, cfg)
     steps_per_epoch = (len(x_train) + cfg.batch_size - 1) // cfg.batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -122,12 +153,12 @@ def train_classifier(
         t0 = time.perf_counter()
         model.train()
         total, correct, loss_sum = 0, 0, 0.0
-        bar = tqdm(
+        bar = progress(
             _batches(len(x_train), cfg.batch_size, gen),
             total=steps_per_epoch,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            unit="batch",
             leave=False,
-            disable=None,
         )
         for idx in bar:
             xb = augment(x_train[idx], cfg.shift, cfg.hflip, gen).to(device)

@@ -12,24 +12,21 @@ the optional classifier-consistency term is on (`VAETrainConfig.w_consistency`; 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
-from tqdm.auto import tqdm
 
 from fmdefense.core.artifacts import GeneratorState, load_resume_state, save_resume_state
+from fmdefense.core.config import replace_fields
 from fmdefense.core.errors import InputError
 from fmdefense.core.paths import classifier_dir
+from fmdefense.core.progress import progress
 from fmdefense.core.provenance import provenance
+from fmdefense.core.validation import check_images, check_labels
 from fmdefense.data import load_raw, split_tensors
 from fmdefense.models.classifiers import Classifier
 from fmdefense.models.combo_vae import DATASET_VAES, ComboVAE, TCDiscriminator
@@ -42,58 +39,32 @@ from fmdefense.models.losses import (
     tc_estimate,
 )
 from fmdefense.training.loops import augment
+from fmdefense.training.vae_config import VAE_TRAIN_CONFIGS, VAETrainConfig
+from fmdefense.training.vae_measures import (
+    code_statistics,
+    disentanglement,
+    held_out_measures,
+    traversal_image,
+    traversal_label_stability,
+)
+
+__all__ = [
+    "VAE_TRAIN_CONFIGS",
+    "VAETrainConfig",
+    "code_statistics",
+    "consistency_loss",
+    "disentanglement",
+    "held_out_measures",
+    "kl_term",
+    "run_train_vae",
+    "train_dgmm",
+    "train_stage2",
+    "traversal_image",
+    "traversal_label_stability",
+    "vae_step",
+]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class VAETrainConfig:
-    """Settings of both stages (recorded in the artifact)."""
-
-    epochs_dgmm: int = 20
-    epochs_vae: int = 30
-    batch_size: int = 128
-    lr_dgmm: float = 1e-3
-    lr_vae: float = 1e-3
-    lr_tc: float = 1e-4
-    gamma: float = 40.0  # TC weight; 0 gives a plain VAE (β = 1)
-    gamma_warmup_epochs: int = 5  # γ grows linearly over these epochs
-    kl_warmup_epochs: int = 5  # β of L_KL grows 0 → 1 (prevents early collapse of z_s)
-    free_bits: float = 0.0  # nats per code (a z_s dim, or a whole channel for faces) the KL
-    # term leaves unpenalised (Kingma et al. 2016); keeps codes from collapsing to the prior
-    margin: float = 0.1  # L-GM margin α
-    dgmm_shift: int = 2  # random ±px shifts while training DGMM (it is a classifier too)
-    dgmm_hflip: bool = False  # random horizontal flips while training DGMM (clothes, not digits)
-    lambda_lkd: float = 0.1
-    # Weight of an optional decoder-only classifier-consistency term, KL(C(x) ‖ C(D(sg(z_s), z_u))):
-    # a departure from the paper (its decoder sees L_R alone), used where L_R's blur costs the
-    # target classifier too much on reconstructions. The encoder never gets this gradient, so
-    # z_s is not pushed to carry the label.
-    w_consistency: float = 0.0
-    seed: int = 0
-    limit: int | None = None  # use only the first `limit` training images (smoke runs)
-
-
-VAE_TRAIN_CONFIGS: dict[str, VAETrainConfig] = {
-    "mnist": VAETrainConfig(),
-    # 20 epochs left DGMM under-fitted (train 88.9 %, test 88.3 %): longer, and a wider net.
-    # Width 64 and 40 epochs: DGMM 90.4 %, C on reconstructions 80.8 / 82.7 % with L_R alone
-    # (below the 85 % target). Two free nats per z_s dim kept every dim active but gave
-    # 79.1 / 80.5 %: not used. The decoder-only consistency term at weight 10, fine-tuning that
-    # model for 2 epochs, gave 89.7 / 90.1 % at the same MSE (30: no better): used, from scratch.
-    "fmnist": VAETrainConfig(epochs_dgmm=40, epochs_vae=40, dgmm_hflip=True, w_consistency=10.0),
-    # Without free bits every z_s channel went to the prior (spread 0.00): 280 faces let z_u
-    # alone carry the identity, so the KL term had nothing to trade against.
-    "orl": VAETrainConfig(
-        epochs_dgmm=60,
-        epochs_vae=150,
-        batch_size=32,
-        gamma=0.0,
-        kl_warmup_epochs=30,
-        dgmm_shift=4,
-        free_bits=8.0,
-    ),
-}
 
 
 def _batches(n: int, size: int, gen: torch.Generator) -> list[torch.Tensor]:
@@ -129,6 +100,8 @@ def train_dgmm(
     device: torch.device,
 ) -> list[dict[str, float]]:
     """Stage 1: DGMM alone with L_GM = L_cls + λ_lkd·L_lkd."""
+    x = _check_images(vae, x)
+    y = check_labels(y, len(x), vae.cfg.num_classes, "training labels")
     dgmm = vae.dgmm.to(device)
     opt = torch.optim.Adam(dgmm.parameters(), lr=cfg.lr_dgmm)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs_dgmm, 1))
@@ -138,11 +111,11 @@ def train_dgmm(
     for epoch in range(start, cfg.epochs_dgmm):
         dgmm.train()
         t0, sums, n = time.perf_counter(), [0.0, 0.0, 0.0], 0
-        for idx in tqdm(
+        for idx in progress(
             _batches(len(x), cfg.batch_size, gen),
-            desc=f"DGMM {epoch + 1}",
+            desc=f"DGMM epoch {epoch + 1}/{cfg.epochs_dgmm}",
+            unit="batch",
             leave=False,
-            disable=None,
         ):
             xb = augment(x[idx], cfg.dgmm_shift, cfg.dgmm_hflip, gen).to(device)
             yb = y[idx].to(device)
@@ -201,7 +174,8 @@ def vae_step(
 ) -> dict[str, float]:
     """One stage-2 update in the safe order (see module docstring); with `classifier` and
     `w_consistency` > 0, plus the decoder-only consistency term (see VAETrainConfig)."""
-    half = len(xb) // 2 if disc is not None else len(xb)
+    # a last batch of one image cannot be halved: it updates the VAE alone (no empty half)
+    half = len(xb) // 2 if disc is not None and len(xb) > 1 else len(xb)
     x1, x2 = xb[:half], xb[half:]
     with torch.no_grad():
         z_u = vae.dgmm(x1)  # frozen DGMM
@@ -252,9 +226,14 @@ def consistency_loss(
     return torch.nn.functional.kl_div(pred, target, reduction="batchmean", log_target=True)
 
 
+def _check_images(vae: ComboVAE, x: object) -> torch.Tensor:
+    c = vae.cfg
+    return check_images(x, channels=c.in_channels, size=c.image_size, name="training images")
+
+
 def _check_consistency(cfg: VAETrainConfig, classifier: torch.nn.Module | None) -> None:
-    if cfg.w_consistency < 0:
-        raise InputError(f"w_consistency must be >= 0, got {cfg.w_consistency}")
+    if not isinstance(cfg, VAETrainConfig):
+        raise InputError(f"cfg must be a VAETrainConfig, got {type(cfg).__name__}")
     if cfg.w_consistency > 0 and classifier is None:
         raise InputError("w_consistency > 0 needs the target classifier (train it first)")
 
@@ -270,6 +249,7 @@ def train_stage2(
     """Stage 2: E_s and decoder (and D_tc when γ > 0) with DGMM frozen; `classifier` is
     required when cfg.w_consistency > 0."""
     _check_consistency(cfg, classifier)
+    x = _check_images(vae, x)
     if classifier is not None:
         classifier = classifier.to(device).eval().requires_grad_(False)
     vae.to(device)
@@ -295,11 +275,11 @@ def train_stage2(
         gamma = cfg.gamma * min(1.0, (epoch + 1) / max(cfg.gamma_warmup_epochs, 1))
         beta = min(1.0, (epoch + 1) / max(cfg.kl_warmup_epochs, 1))
         t0, rows = time.perf_counter(), []
-        for idx in tqdm(
+        for idx in progress(
             _batches(len(x), cfg.batch_size, gen),
-            desc=f"VAE {epoch + 1}",
+            desc=f"VAE epoch {epoch + 1}/{cfg.epochs_vae}",
+            unit="batch",
             leave=False,
-            disable=None,
         ):
             xb = x[idx].to(device)
             rows.append(
@@ -338,140 +318,6 @@ def train_stage2(
     return history
 
 
-@torch.inference_mode()
-def code_statistics(vae: ComboVAE, x: torch.Tensor, device: torch.device) -> dict[str, Any]:
-    """Per-dimension spread (std of E_s's means) and KL, the collapse watch of guide §8."""
-    vae.encoder.eval()
-    mu, logvar = vae.encoder(x.to(device))
-    mu, logvar = mu.flatten(2).mean(-1) if mu.dim() == 4 else mu, logvar
-    kl = kl_normal(mu, logvar.flatten(2).mean(-1) if logvar.dim() == 4 else logvar).mean(0)
-    vae.encoder.train()
-    return {"z_s_spread": mu.std(0).tolist(), "z_s_kl": kl.tolist()}
-
-
-@torch.inference_mode()
-def disentanglement(vae: ComboVAE, x: torch.Tensor, threshold: float = 0.5) -> dict[str, Any]:
-    """Active z_s dimensions (spread of E_s's means > threshold) and the Gaussian total
-    correlation of those means, −½ log det R (R their correlation matrix): 0 when the active
-    codes are uncorrelated, growing as they share information — the quantity the TC term
-    penalises, measured without a discriminator."""
-    vae.eval()
-    device = next(vae.parameters()).device
-    mu = torch.cat([vae.encoder(x[i : i + 512].to(device))[0].cpu() for i in range(0, len(x), 512)])
-    mu = mu.flatten(2).mean(-1) if mu.dim() == 4 else mu
-    active = mu.std(0) > threshold
-    tc = 0.0
-    if int(active.sum()) > 1:
-        corr = torch.corrcoef(mu[:, active].T.double())
-        tc = float(-0.5 * torch.logdet(corr))
-    return {
-        "active_dims": int(active.sum()),
-        "gaussian_tc_active": tc,
-        "spread": mu.std(0).tolist(),
-    }
-
-
-@torch.inference_mode()
-def traversal_label_stability(
-    vae: ComboVAE,
-    classifier: torch.nn.Module,
-    x: torch.Tensor,
-    x_ref: torch.Tensor,
-    steps: int = 9,
-    batch_size: int = 256,
-) -> dict[str, Any]:
-    """Share of single-code z_s traversals (each code set to `steps` values across its 1–99 %
-    range on x_ref, z_u kept) whose decode C labels like the plain reconstruction: 1 when z_s
-    carries no class information, the property FM-Defense asks of its class-shared codes."""
-    from fmdefense.defenses.fm.ranges import normal_ranges
-
-    vae.eval()
-    device = next(vae.parameters()).device
-    lo, hi = normal_ranges(vae.codes(x_ref.to(device)).float())
-    d_s = vae.cfg.z_s_dim
-    grid = lo[:, None].cpu() + (hi - lo)[:, None].cpu() * torch.linspace(0, 1, steps)  # (M, steps)
-    kept = torch.zeros(d_s)
-    for start in range(0, len(x), batch_size):
-        xb = x[start : start + batch_size].to(device)
-        codes, z_u = vae.codes(xb), vae.encode(xb)[1]  # (B, M[, n, n]), (B, K)
-        ref = classifier(vae.decode_codes(codes, z_u)).argmax(1)  # (B,)
-        for i in range(d_s):
-            for v in grid[i].tolist():
-                moved = codes.clone()
-                moved[:, i] += v - (moved[:, i].mean((-2, -1)) if codes.dim() == 4 else moved[:, i])
-                label = classifier(vae.decode_codes(moved, z_u)).argmax(1)
-                kept[i] += float((label == ref).sum())
-    per_code = (kept / (len(x) * steps)).tolist()
-    return {"per_code": per_code, "mean": sum(per_code) / d_s, "steps": steps, "images": len(x)}
-
-
-@torch.inference_mode()
-def held_out_measures(
-    vae: ComboVAE,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    classifier: Classifier | None,
-    device: torch.device,
-    batch_size: int = 512,
-) -> dict[str, Any]:
-    """Reconstruction MSE per pixel, DGMM accuracy and C's accuracy on reconstructions."""
-    vae.eval()
-    sse, dgmm_ok = 0.0, 0
-    clf_ok = {"feature": 0, "class_mean": 0}
-    for i in range(0, len(x), batch_size):
-        xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
-        z_u = vae.dgmm(xb)
-        dgmm_ok += int((vae.dgmm.logits(z_u).argmax(1) == yb).sum())
-        for mode in clf_ok:
-            recon = vae.reconstruct(xb, z_u_mode=mode)
-            if mode == "feature":
-                sse += float((recon - xb).pow(2).sum())
-            if classifier is not None:
-                clf_ok[mode] += int((classifier(recon).argmax(1) == yb).sum())
-    out: dict[str, Any] = {
-        "test_images": len(x),
-        "recon_mse_per_pixel": sse / x[0].numel() / len(x),
-        "dgmm_test_accuracy": dgmm_ok / len(x),
-    }
-    if classifier is not None:
-        out["classifier_accuracy_on_reconstructions"] = {k: v / len(x) for k, v in clf_ok.items()}
-    return out
-
-
-@torch.inference_mode()
-def traversal_image(
-    vae: ComboVAE, x: torch.Tensor, x_ref: torch.Tensor, path: Path, steps: int = 9
-) -> None:
-    """Rows = codes, columns = values from the 1 % to the 99 % quantile of each code on x_ref."""
-    vae.eval()
-    device = next(vae.parameters()).device
-    ref = vae.codes(x_ref.to(device)).float()
-    values = ref.flatten(2).mean(-1) if ref.dim() == 4 else ref  # (n, M)
-    lo, hi = torch.quantile(values, 0.01, dim=0), torch.quantile(values, 0.99, dim=0)
-    codes = vae.codes(x[:1].to(device))
-    z_u = vae.encode(x[:1].to(device))[1]
-    m = vae.num_codes
-    fig, axes = plt.subplots(m, steps, figsize=(steps * 0.7, m * 0.7), squeeze=False)
-    for i in range(m):
-        grid = torch.linspace(float(lo[i]), float(hi[i]), steps)
-        batch = codes.repeat(steps, *([1] * (codes.dim() - 1)))
-        shift = grid - (codes[0, i].mean() if codes.dim() == 4 else codes[0, i])
-        if codes.dim() == 4:
-            batch[:, i] += shift.view(-1, 1, 1).to(device)
-        else:
-            batch[:, i] += shift.to(device)
-        imgs = vae.decode_codes(batch, z_u.repeat(steps, 1)).cpu()
-        for j in range(steps):
-            axes[i, j].imshow(imgs[j, 0].numpy(), cmap="gray", vmin=0, vmax=1)
-            axes[i, j].set_xticks([])
-            axes[i, j].set_yticks([])
-        axes[i, 0].set_ylabel(f"f{i}", rotation=0, fontsize=7, ha="right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
 def run_train_vae(
     dataset: str,
     out_dir: Path,
@@ -481,7 +327,10 @@ def run_train_vae(
     data_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Both stages on the dataset's `vae_train` split; measures on `test`; saves the artifact."""
-    cfg = dataclasses.replace(VAE_TRAIN_CONFIGS[dataset], **(overrides or {}))
+    if dataset not in VAE_TRAIN_CONFIGS:
+        known = ", ".join(VAE_TRAIN_CONFIGS)
+        raise InputError(f"no combo-VAE settings for dataset {dataset!r}; known: {known}")
+    cfg = replace_fields(VAE_TRAIN_CONFIGS[dataset], overrides, "VAE training config")
     torch.manual_seed(cfg.seed)
     ds = load_raw(dataset, data_dir=data_dir)
     x, y = split_tensors(ds, "vae_train")

@@ -92,8 +92,7 @@ class FMDefenseConfig:
     @classmethod
     def from_dict(cls, raw: object) -> FMDefenseConfig:
         """Rebuild from JSON: unknown or missing keys and wrong types give one clear line."""
-        d = dataclass_kwargs(cls, raw, "FMDefenseConfig")
-        d["range_quantiles"] = tuple(d["range_quantiles"])
+        d = dataclass_kwargs(cls, raw, "FMDefenseConfig", tuples=True)
         if isinstance(d["codes"], list):
             d["codes"] = tuple(d["codes"])
         return cls(**d)

@@ -313,7 +313,7 @@ class FMDefense(Defense):
                         f"{folder} was calibrated for another {name}'s weights; "
                         "recalibrate (fmdefense calibrate) or pass strict=False"
                     )
-        t = load_tensors(Path(folder) / "model.safetensors")
+        t = load_tensors(Path(folder) / "model.safetensors", finite=True)
         defense._restore(folder, raw, t)
         return defense
 

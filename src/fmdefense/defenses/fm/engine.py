@@ -83,9 +83,7 @@ class MorphEngine:
     ) -> torch.Tensor:
         """Resistance (n, m) of a chunk against the given input labels C(x) (n,)."""
         codes, z_u = self.latents(x)
-        values = code_values(codes)[:, code_idx]  # (n, m)
-        table = self.table[:, code_idx]
-        deltas = natural_deltas(values, lo[code_idx], hi[code_idx], table, self.config.morph)
+        deltas = self.morph_deltas(codes, code_idx, lo, hi)  # the order does not change r
         return resistance(
             codes,
             z_u,
