@@ -41,11 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configure_logging(verbose: bool) -> None:
-    """Logging for a CLI run (the one place to swap for a shared setup)."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+    """Logging for a CLI run: the shared setup (`fmdefense.core.logs`), DEBUG with -v."""
+    from fmdefense.core.logs import setup_logging
+
+    setup_logging(verbose)
 
 
 def main(argv: list[str] | None = None) -> int:
