@@ -6,14 +6,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo test lint typecheck unit bench clean
+.PHONY: setup data demo test lint typecheck unit bench wheel-check clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,art]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -48,6 +48,19 @@ bench: data
 	$(PY) benchmarks/morph_throughput.py
 	$(PY) benchmarks/defense_cost.py
 	$(PY) benchmarks/serving.py
+
+# Build the wheel, install it into a fresh venv outside the repo, run the installed CLI there.
+# An installed fmdefense finds the shipped weights through $FMDEFENSE_WEIGHTS (they are not
+# package data) and its data through $FMDEFENSE_DATA.
+WHEEL_CHECK ?= /tmp/fmdefense-wheel-check
+wheel-check: data
+	rm -rf $(WHEEL_CHECK)
+	$(PY) -m build --wheel --outdir $(WHEEL_CHECK)/dist .
+	$(PYTHON) -m venv $(WHEEL_CHECK)/venv
+	$(WHEEL_CHECK)/venv/bin/pip install --quiet $(WHEEL_CHECK)/dist/fmdefense-*.whl
+	cd $(WHEEL_CHECK) && $(WHEEL_CHECK)/venv/bin/fmdefense --help
+	cd $(WHEEL_CHECK) && FMDEFENSE_WEIGHTS=$(CURDIR)/weights FMDEFENSE_DATA=$(CURDIR)/data \
+	  $(WHEEL_CHECK)/venv/bin/fmdefense evaluate classifier --dataset mnist --device cpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

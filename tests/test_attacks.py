@@ -24,7 +24,7 @@ from fmdefense.attacks.library import (
     run_attack,
 )
 from fmdefense.attacks.runner import TENSORS_FILE, attack_set, load_adversarial_set
-from fmdefense.cli_attack import register
+from fmdefense.cli.attack import register
 from fmdefense.core.artifacts import WEIGHTS_FILE
 from fmdefense.core.errors import ArtifactError, InputError
 from fmdefense.data import DEFAULT_SPLITS, SplitConfig

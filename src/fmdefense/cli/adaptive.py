@@ -2,8 +2,7 @@
 
 Attacks the first N CLE images of a dataset with one or more adaptive attacks over a sweep of
 ε and judges the defense by the one rule on its hard decisions; resumable per unit (see
-`fmdefense.attacks.adaptive.sweep`). Only the command line lives here (to move into the `cli`
-package).
+`fmdefense.attacks.adaptive.sweep`).
 
     fmdefense adaptive --dataset mnist --defense magnet --defense-dir runs/mnist/magnet \\
         --eps 0.05 0.1 0.2 0.3 --limit 500
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fmdefense.attacks.adaptive.registry import ADAPTIVE_ATTACKS, DEFAULT_ATTACK
+from fmdefense.cli.common import add_common, positive_int, probability
 
 DATASETS = ("mnist", "fmnist")
 DEFAULT_EPS = (0.05, 0.1, 0.2, 0.3)
@@ -41,8 +41,6 @@ def run_command(args: argparse.Namespace) -> None:
     from fmdefense.core.device import resolve_device
     from fmdefense.core.errors import InputError
 
-    if args.limit is not None and args.limit < 1:
-        raise InputError(f"--limit must be a positive number of images, got {args.limit}")
     kind = args.defense
     attacks = args.attack or [DEFAULT_ATTACK[kind]]
     allowed = attacks_for(kind)
@@ -113,19 +111,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="fm: joint (default), latent, cw_transfer, square; magnet: magnet_joint (default), "
         "cw_transfer; defensegan: defensegan_bpda (default), cw_transfer; all: undefended",
     )
-    p.add_argument("--eps", nargs="+", type=float, default=list(DEFAULT_EPS))
-    p.add_argument("--limit", type=int, default=None, help="attack only the first N CLE images")
+    p.add_argument("--eps", nargs="+", type=probability, default=list(DEFAULT_EPS))
+    p.add_argument(
+        "--limit", type=positive_int, default=None, help="attack only the first N CLE images"
+    )
     p.add_argument(
         "--steps",
-        type=int,
+        type=positive_int,
         default=None,
         help="iterations of every attack that has steps: PGD steps per restart (default 100; "
         "defensegan_bpda 40: a search per step), cw_transfer's Adam steps (100)",
     )
     p.add_argument(
-        "--restarts", type=int, default=None, help="PGD restarts (default 1; magnet_joint 4)"
+        "--restarts",
+        type=positive_int,
+        default=None,
+        help="PGD restarts (default 1; magnet_joint 4)",
     )
-    p.add_argument("--batch-size", type=int, default=None, help="inputs attacked together (64)")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=None, help="inputs attacked together (64)"
+    )
     p.add_argument(
         "--no-checks",
         action="store_true",
@@ -133,13 +138,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--unbounded-eps",
-        type=float,
+        type=probability,
         default=None,
         help="also attack at this ε (e.g. 1.0): success should reach ~100 %%",
     )
     p.add_argument("--out", type=Path, default=None, help="results (runs/D/adaptive/DEFENSE)")
     p.add_argument("--classifier", type=Path, default=None, help="classifier artifact folder")
     p.add_argument("--vae", type=Path, default=None, help="combo-VAE artifact folder (fm)")
-    p.add_argument("--data-dir", type=Path, default=None, help="folder with the dataset's files")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:N]")
+    add_common(p)
     p.set_defaults(func=run_command)

@@ -1,7 +1,6 @@
 """`fmdefense attack`: make a dataset's adversarial set from its CLE split (resumable chunks).
 
-Only the command line lives here (to move into the `cli` package); the job is
-`fmdefense.attacks.jobs.run_attack_job`.
+The job is `fmdefense.attacks.jobs.run_attack_job`.
 """
 
 from __future__ import annotations
@@ -10,8 +9,7 @@ import argparse
 from pathlib import Path
 
 from fmdefense.attacks.library import ATTACKS, SETTING_NAMES
-
-DATASETS = ("mnist", "fmnist", "orl")
+from fmdefense.cli.common import MODEL_DATASETS, add_common, positive_int
 
 
 def run_command(args: argparse.Namespace) -> None:
@@ -43,7 +41,7 @@ def run_command(args: argparse.Namespace) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `attack` subcommand to the top-level subparsers of `fmdefense`."""
     p = sub.add_parser("attack", help="attack the CLE split (resumable chunks)")
-    p.add_argument("--dataset", choices=DATASETS, required=True)
+    p.add_argument("--dataset", choices=MODEL_DATASETS, required=True)
     p.add_argument("--attack", choices=tuple(ATTACKS), required=True)
     p.add_argument(
         "--setting",
@@ -51,10 +49,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="cw_l2: fast (5×100, the default) or reference (9×1000); others: default",
     )
-    p.add_argument("--limit", type=int, default=None, help="attack only the first N CLE images")
-    p.add_argument("--batch-size", type=int, default=256, help="images per chunk (64–512 best)")
+    p.add_argument(
+        "--limit", type=positive_int, default=None, help="attack only the first N CLE images"
+    )
+    p.add_argument(
+        "--batch-size", type=positive_int, default=256, help="images per chunk (64–512 best)"
+    )
     p.add_argument("--out", type=Path, default=None, help="artifact (runs/D/attacks/NAME)")
     p.add_argument("--classifier", type=Path, default=None, help="classifier artifact folder")
-    p.add_argument("--data-dir", type=Path, default=None, help="folder with the dataset's files")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:N]")
+    add_common(p)
     p.set_defaults(func=run_command)

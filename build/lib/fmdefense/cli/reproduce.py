@@ -1,0 +1,103 @@
+"""`fmdefense reproduce`: the paper's evaluation end to end (resumable)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fmdefense.cli.common import (
+    MODEL_DATASETS,
+    add_device,
+    default_out,
+    non_negative_int,
+    positive_int,
+)
+from fmdefense.core.device import resolve_device
+from fmdefense.core.errors import InputError
+
+BASELINES = ("recon", "magnet", "defensegan")
+
+
+def _attacks(names: list[str] | None) -> tuple[tuple[str, str], ...]:
+    """The profile's (attack, setting) pairs named by attack or by `attack-setting`."""
+    from fmdefense.evaluation.profiles import ATTACKS
+
+    if names is None:
+        return ATTACKS
+    known = {a[0] for a in ATTACKS} | {"-".join(a) for a in ATTACKS}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise InputError(f"unknown --attacks {unknown}; choose among {', '.join(sorted(known))}")
+    return tuple(a for a in ATTACKS if a[0] in names or "-".join(a) in names)
+
+
+def _defenses(parts: list[str]) -> tuple[str, ...]:
+    """The baselines named beside fm (comma- or space-separated)."""
+    defenses = tuple(d for part in parts for d in part.split(",") if d)
+    if "fm" not in defenses:
+        raise InputError("--defenses must include fm: FM-Defense is what reproduce evaluates")
+    unknown = sorted(set(defenses) - {"fm", *BASELINES})
+    if unknown:
+        raise InputError(f"unknown --defenses {unknown}; choose among fm, {', '.join(BASELINES)}")
+    return tuple(d for d in defenses if d != "fm")
+
+
+def _profile_overrides(args: argparse.Namespace) -> dict[str, int]:
+    """Profile fields changed on the command line (stated in the run's profile.json)."""
+    given = {"adaptive_limit": args.adaptive_limit, "n_cle": args.n_cle}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def run_command(args: argparse.Namespace) -> None:
+    """Run (or resume) the pipeline; print Table II and where the report is."""
+    attacks, baselines = _attacks(args.attacks), _defenses(args.defenses)
+    from fmdefense.evaluation.pipeline import run_reproduce
+
+    run = default_out(args.out, args.dataset, f"reproduce-{args.profile}")
+    results = run_reproduce(
+        args.dataset,
+        args.profile,
+        run,
+        resolve_device(args.device),
+        attacks=attacks,
+        baselines=baselines,
+        overrides=_profile_overrides(args),
+    )
+    for name, row in results["table2"].items():
+        print(f"{name:>16}: no defense {row['no_defense']:.4f}  FM-Defense {row['fm_defense']:.4f}")
+    print(f"report: {run / 'report.md'} ({results['meta']['seconds']:.0f} s)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `reproduce`."""
+    p = sub.add_parser("reproduce", help="the paper's evaluation end to end (resumable)")
+    p.add_argument("--dataset", choices=MODEL_DATASETS, default="mnist")
+    p.add_argument("--profile", choices=("quick", "paper"), default="quick")
+    p.add_argument(
+        "--attacks",
+        nargs="+",
+        default=None,
+        help="subset by attack (fgsm deepfool_linf cw_l2 pgd_linf) or attack-setting",
+    )
+    p.add_argument("--out", type=Path, default=None, help="run folder (runs/D/reproduce-P)")
+    p.add_argument(
+        "--defenses",
+        nargs="+",
+        default=["fm,recon,magnet,defensegan"],
+        help="comma- or space-separated: fm (always), recon, magnet, defensegan",
+    )
+    p.add_argument(
+        "--adaptive-limit",
+        type=non_negative_int,
+        default=None,
+        help="defense-aware attacks on the first N CLE images (quick: 0 = off; paper: 500)",
+    )
+    p.add_argument(
+        "--n-cle",
+        type=positive_int,
+        default=None,
+        help="evaluate on the first N CLE images (default: the profile's; paper: all 5,000); "
+        "use a fresh --out, and N ≥ --adaptive-limit",
+    )
+    add_device(p)
+    p.set_defaults(func=run_command)

@@ -1,0 +1,1 @@
+"""Lowest layer: artifact I/O, chunks, paths, provenance, errors, validation, device."""

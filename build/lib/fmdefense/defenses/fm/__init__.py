@@ -1,0 +1,1 @@
+"""FM-Defense engine: normal ranges, natural morphs, resistance, thresholds, purifier, detector."""

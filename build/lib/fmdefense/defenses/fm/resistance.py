@@ -1,0 +1,39 @@
+"""Resistance r_i(x): share of the N morphs of code i that keep the label C(x) of the input."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from fmdefense.defenses.fm.morphs import morph_codes
+
+Decoder = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (codes, z_u) -> images
+Labeller = Callable[[torch.Tensor], torch.Tensor]  # images -> labels
+
+
+@torch.inference_mode()
+def resistance(
+    codes: torch.Tensor,
+    z_u: torch.Tensor,
+    labels: torch.Tensor,
+    code_idx: torch.Tensor,
+    deltas: torch.Tensor,
+    decode: Decoder,
+    classify: Labeller,
+    batch_size: int = 512,
+) -> torch.Tensor:
+    """Resistance (n, m) in [0, 1]: each morph decoded and classified in batches.
+
+    codes: (n, M[, h, w]); z_u: (n, K) passed to the decoder beside each morph;
+    labels: (n,) the classifier's label of each input; deltas: (n, m, N).
+    """
+    n, m, N = deltas.shape
+    morphs = morph_codes(codes, code_idx, deltas).flatten(0, 2)  # (n*m*N, M[, h, w])
+    owners = torch.arange(n).repeat_interleave(m * N)  # instance of each morph
+    z_u_all = z_u[owners]  # (n*m*N, K)
+    agree = torch.empty(n * m * N, dtype=torch.bool)
+    for i in range(0, len(morphs), batch_size):
+        pred = classify(decode(morphs[i : i + batch_size], z_u_all[i : i + batch_size]))
+        agree[i : i + batch_size] = pred.cpu() == labels[owners[i : i + batch_size]]
+    return agree.view(n, m, N).float().mean(-1)

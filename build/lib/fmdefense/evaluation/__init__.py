@@ -1,0 +1,1 @@
+"""Evaluation: detection metrics, the paper's experiments and the report."""

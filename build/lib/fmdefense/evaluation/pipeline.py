@@ -1,0 +1,162 @@
+"""`fmdefense reproduce`: data → models → attacks → calibration → defense → experiments → report.
+
+Every stage writes an artifact under the run folder and is skipped on a re-run when its artifact
+exists with the same config (a killed run resumes; the log says which stages were reused).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fmdefense.attacks.runner import AdversarialSet
+from fmdefense.core.artifacts import (
+    atomic_write_bytes,
+    write_json,
+)
+from fmdefense.core.errors import InputError
+from fmdefense.data import load_raw, split_tensors
+from fmdefense.defenses.default import DefaultConfig, DefaultDefense
+from fmdefense.defenses.fm.config import FMDefenseConfig
+from fmdefense.defenses.fm.detector import FMDefense
+from fmdefense.defenses.jobs import load_models
+from fmdefense.evaluation import experiments as ex
+from fmdefense.evaluation.baselines import (
+    defensegan_baseline,
+    magnet_baseline,
+    recon_baseline,
+    stage_adaptive,
+    stage_magnet,
+)
+from fmdefense.evaluation.default_stage import stage_default
+from fmdefense.evaluation.fm_stage import (
+    experiments,
+    stage_attacks,
+    stage_calibrate,
+    stage_set_outputs,
+)
+from fmdefense.evaluation.profiles import BASELINES, PROFILES, Profile
+from fmdefense.evaluation.report import render
+
+log = logging.getLogger(__name__)
+
+
+def run_reproduce(
+    dataset: str,
+    profile_name: str,
+    run: Path,
+    device: torch.device,
+    *,
+    attacks: tuple[tuple[str, str], ...] | None = None,
+    overrides: dict[str, Any] | None = None,
+    baselines: tuple[str, ...] = BASELINES,
+) -> dict[str, Any]:
+    """The whole evaluation of one dataset at one profile; returns results.json's content.
+    FM-Defense always runs (the figures are its); `baselines` picks the others."""
+    unknown = set(baselines) - set(BASELINES)
+    if unknown:
+        raise InputError(f"unknown baselines {sorted(unknown)}; choose from {BASELINES}")
+    t0 = time.perf_counter()
+    profile = PROFILES[profile_name]
+    if attacks is not None:
+        profile = dataclasses.replace(profile, attacks=attacks)
+    if overrides:
+        profile = dataclasses.replace(profile, **overrides)
+    if profile.n_cle is not None and profile.adaptive_limit > profile.n_cle:
+        raise InputError(
+            f"adaptive_limit {profile.adaptive_limit} exceeds the {profile.n_cle} CLE images: "
+            "lower --adaptive-limit or raise --n-cle"
+        )
+    run.mkdir(parents=True, exist_ok=True)
+    write_json(run / "profile.json", asdict(profile))
+    ds = load_raw(dataset)
+    x_val, y_val = split_tensors(ds, "val")
+    x_cle, y_cle = split_tensors(ds, "cle")
+    x_val, y_val = x_val[: profile.n_val], y_val[: profile.n_val]
+    x_cle, y_cle = x_cle[: profile.n_cle], y_cle[: profile.n_cle]
+    clf, vae = load_models(dataset, device)
+    source = {"dataset": dataset, "split": "cle", "n": len(y_cle)}
+    adv_sets = stage_attacks(run, profile, clf, x_cle, y_cle, source)
+    cfg = FMDefenseConfig(
+        n_morphs=profile.n_morphs, rho=profile.rho, precision=profile.precision, seed=profile.seed
+    )
+    defense = stage_calibrate(run, clf, vae, cfg, x_val, y_val)
+    raw = {"CLE": stage_set_outputs(run, "CLE", defense, x_cle, y_cle)}
+    limits = dict(profile.fm_limits)
+    for name, adv in adv_sets.items():
+        n = limits.get(name)
+        raw[name] = stage_set_outputs(run, name, defense, adv.x_adv[:n], adv.y_true[:n])
+    results = experiments(run, dataset, profile, defense, raw, x_cle, adv_sets)
+    fm = {"CLE": ex.suspicion(raw["CLE"]["resistance"])}
+    fm |= {k: ex.suspicion(v["resistance"]) for k, v in raw.items() if k != "CLE"}
+    scores = {"FM-Defense": fm}
+    if "recon" in baselines:
+        results["recon_check"], scores["recon check"] = recon_baseline(
+            clf, vae, x_val, x_cle, y_cle, adv_sets
+        )
+    if "magnet" in baselines:
+        results["magnet"], scores["MagNet"] = magnet_baseline(
+            run, dataset, profile, clf, x_cle, y_cle, adv_sets, device
+        )
+    if "defensegan" in baselines:
+        results["defense_gan"], scores["Defense-GAN"] = defensegan_baseline(
+            run, dataset, profile, clf, x_cle, y_cle, adv_sets, device
+        )
+    results["default"], scores["Default"] = _default(
+        run, dataset, profile, clf, vae, (x_val, y_val), (x_cle, y_cle), adv_sets, raw, device
+    )
+    results["roc_defenses"] = ex.roc_by_defense(scores, run / "roc_defenses.png")
+    results["meta"]["seconds"] = time.perf_counter() - t0
+    _write_report(run, results)
+    if profile.adaptive_limit > 0:  # long: the report above already holds everything else
+        results["adaptive"] = stage_adaptive(
+            run, dataset, profile, clf, defense, baselines, x_cle, y_cle, device
+        )
+        results["meta"]["seconds"] = time.perf_counter() - t0
+        _write_report(run, results)
+    log.info("report: %s", run / "report.md")
+    return results
+
+
+def _default(
+    run: Path,
+    dataset: str,
+    profile: Profile,
+    clf: torch.nn.Module,
+    vae: Any,
+    val: tuple[torch.Tensor, torch.Tensor],
+    cle: tuple[torch.Tensor, torch.Tensor],
+    adv_sets: dict[str, AdversarialSet],
+    raw: dict[str, dict[str, torch.Tensor]],
+    device: torch.device,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The default defense: tuning attacks on the first `n_tuning` VAL images, then the stage."""
+    x_tune, y_tune = val[0][: profile.n_tuning], val[1][: profile.n_tuning]
+    source = {"dataset": dataset, "split": "val", "n": len(y_tune)}
+    tuning = stage_attacks(run / "tuning", profile, clf, x_tune, y_tune, source)
+    aes = stage_magnet(run, dataset, profile, clf, device).autoencoders
+    config = DefaultConfig(alpha=profile.default_alpha, seed=profile.seed)
+    defense = DefaultDefense(clf, vae, (aes.ae1, aes.ae2), config)
+    sets = {"CLE": cle, **{k: (a.x_adv, a.y_true) for k, a in adv_sets.items()}}
+    resistance = {k: v["resistance"] for k, v in raw.items()}
+    fm_val = FMDefense.load(run / "defense", clf, vae).val_resistance_
+    return stage_default(
+        run,
+        defense,
+        val,
+        sets,
+        {k: (a.x_adv, a.y_true) for k, a in tuning.items()},
+        resistance,
+        fm_val if len(fm_val) == len(val[0]) else None,
+    )
+
+
+def _write_report(run: Path, results: dict[str, Any]) -> None:
+    write_json(run / "results.json", results)
+    atomic_write_bytes(run / "report.md", render(results).encode())

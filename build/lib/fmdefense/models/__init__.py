@@ -1,0 +1,1 @@
+"""Networks: the protected classifiers and the combo-VAE."""

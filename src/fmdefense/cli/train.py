@@ -1,0 +1,125 @@
+"""`fmdefense train classifier|vae|magnet|defensegan`: train a model into an artifact folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fmdefense.cli.common import (
+    DATASETS,
+    add_common,
+    add_device,
+    default_out,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+)
+from fmdefense.core.device import resolve_device
+
+
+def classifier_command(args: argparse.Namespace) -> None:
+    """Train (or resume) a target classifier; print its test accuracy."""
+    from fmdefense.training.jobs import run_train_classifier
+
+    out = default_out(args.out, args.dataset, "classifier")
+    metrics = run_train_classifier(
+        args.dataset,
+        out,
+        resolve_device(args.device),
+        epochs=args.epochs,
+        seed=args.seed,
+        data_dir=args.data_dir,
+    )
+    print(f"{args.dataset}: test accuracy {metrics['test_accuracy']:.4f} -> {out}")
+
+
+def vae_command(args: argparse.Namespace) -> None:
+    """Train (or resume) a combo-VAE; print its reconstruction and DGMM metrics."""
+    from fmdefense.training.vae import run_train_vae
+
+    out = default_out(args.out, args.dataset, "combo_vae")
+    given = {
+        "epochs_dgmm": args.epochs_dgmm,
+        "epochs_vae": args.epochs_vae,
+        "gamma": args.gamma,
+        "free_bits": args.free_bits,
+        "seed": args.seed,
+        "limit": args.limit,
+    }
+    overrides = {k: v for k, v in given.items() if v is not None}
+    m = run_train_vae(
+        args.dataset, out, resolve_device(args.device), overrides=overrides, data_dir=args.data_dir
+    )
+    print(
+        f"{args.dataset} combo-VAE: recon MSE/pixel {m['recon_mse_per_pixel']:.4f}, "
+        f"DGMM accuracy {m['dgmm_test_accuracy']:.4f}, C on reconstructions "
+        f"{m.get('classifier_accuracy_on_reconstructions')} -> {out}"
+    )
+
+
+def magnet_command(args: argparse.Namespace) -> None:
+    """Train MagNet's two autoencoders and threshold them on VAL."""
+    from fmdefense.defenses.magnet import run_train_magnet
+
+    out = default_out(args.out, args.dataset, "magnet")
+    m = run_train_magnet(args.dataset, out, resolve_device(args.device))
+    print(
+        f"MagNet: VAL false-positive rate {m['val_fpr']:.4f}, thresholds {m['thresholds']} -> {out}"
+    )
+
+
+def defensegan_command(args: argparse.Namespace) -> None:
+    """Train Defense-GAN's WGAN-GP generator and threshold it on VAL."""
+    from fmdefense.defenses.defense_gan import run_train_defense_gan
+
+    out = default_out(args.out, args.dataset, "defense_gan")
+    m = run_train_defense_gan(
+        args.dataset, out, resolve_device(args.device), epochs=args.epochs, limit=args.limit
+    )
+    print(f"Defense-GAN: VAL false-positive rate {m['val_fpr']:.4f} -> {out}")
+
+
+def _out(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--out", type=Path, default=None, help=f"artifact folder (runs/D/{default})")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `train classifier|vae|magnet|defensegan`."""
+    train = sub.add_parser("train", help="train models").add_subparsers(dest="what", required=True)
+    p = train.add_parser("classifier", help="train a target classifier (resumes when interrupted)")
+    p.add_argument("--dataset", choices=DATASETS, required=True)
+    _out(p, "classifier")
+    p.add_argument("--epochs", type=positive_int, default=None)
+    p.add_argument("--seed", type=non_negative_int, default=None)
+    add_common(p)
+    p.set_defaults(func=classifier_command)
+
+    p = train.add_parser("vae", help="train a combo-VAE in two stages (resumes when interrupted)")
+    p.add_argument("--dataset", choices=DATASETS, required=True)
+    _out(p, "combo_vae")
+    p.add_argument("--epochs-dgmm", type=positive_int, default=None)
+    p.add_argument("--epochs-vae", type=positive_int, default=None)
+    p.add_argument(
+        "--gamma", type=non_negative_float, default=None, help="TC weight (paper: 40; 0: no TC)"
+    )
+    p.add_argument(
+        "--free-bits", type=non_negative_float, default=None, help="KL-free nats per code"
+    )
+    p.add_argument("--limit", type=positive_int, default=None, help="use only N training images")
+    p.add_argument("--seed", type=non_negative_int, default=None)
+    add_common(p)
+    p.set_defaults(func=vae_command)
+
+    p = train.add_parser("magnet", help="train the MagNet baseline's two autoencoders")
+    p.add_argument("--dataset", choices=("mnist", "fmnist"), required=True)
+    _out(p, "magnet")
+    add_device(p)
+    p.set_defaults(func=magnet_command)
+
+    p = train.add_parser("defensegan", help="train the Defense-GAN baseline's WGAN-GP generator")
+    p.add_argument("--dataset", choices=("mnist", "fmnist"), required=True)
+    _out(p, "defense_gan")
+    p.add_argument("--epochs", type=positive_int, default=20)
+    p.add_argument("--limit", type=positive_int, default=None, help="use only N training images")
+    add_device(p)
+    p.set_defaults(func=defensegan_command)
