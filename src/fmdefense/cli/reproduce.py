@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from fmdefense.cli.common import (
     MODEL_DATASETS,
@@ -63,9 +64,36 @@ def run_command(args: argparse.Namespace) -> None:
         baselines=baselines,
         overrides=_profile_overrides(args),
     )
-    for name, row in results["table2"].items():
-        print(f"{name:>16}: no defense {row['no_defense']:.4f}  FM-Defense {row['fm_defense']:.4f}")
+    print(summary_table(results))
     print(f"report: {run / 'report.md'} ({results['meta']['seconds']:.0f} s)")
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """Accuracy per set (CLE) and defended share (ADV): no defense, the default, the baselines
+    and FM-Defense under the paper's rule, from results.json's content."""
+    default = results["default"]["table"]
+    cols = {
+        "MagNet": results.get("magnet", {}).get("table2", {}),
+        "Defense-GAN": results.get("defense_gan", {}).get("table2", {}),
+        "FBGAN": results.get("fbgan", {}).get("table2", {}),
+    }
+    cols = {k: v for k, v in cols.items() if v}
+    head = f"{'set':>16} {'no defense':>11} {'default':>9} " + " ".join(f"{k:>12}" for k in cols)
+    lines = [head + f" {'FM (paper rule)':>16}"]
+    for name, row in default.items():
+        key = "clean" if name == "CLE" else name
+        t2 = results["table2"].get(key, {})
+        ours = row["accuracy"] if name == "CLE" else row["defended"]
+        cells = " ".join(f"{_pct(c.get(key)):>12}" for c in cols.values())
+        lines.append(
+            f"{name:>16} {_pct(t2.get('no_defense')):>11} {_pct(ours):>9} {cells} "
+            f"{_pct(t2.get('fm_defense')):>16}"
+        )
+    return "\n".join(lines)
+
+
+def _pct(v: Any) -> str:
+    return "–" if v is None else f"{100 * float(v):.1f} %"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -83,7 +111,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--defenses",
         nargs="+",
-        default=["fm,recon,magnet,defensegan"],
+        default=["fm,recon,magnet,defensegan,fbgan"],
         help="comma- or space-separated: fm (always), recon, magnet, defensegan",
     )
     p.add_argument(

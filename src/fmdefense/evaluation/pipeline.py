@@ -21,13 +21,16 @@ from fmdefense.core.artifacts import (
     write_json,
 )
 from fmdefense.core.errors import InputError
+from fmdefense.core.paths import weights_home
 from fmdefense.data import load_raw, split_tensors
 from fmdefense.defenses.default import DefaultConfig, DefaultDefense
 from fmdefense.defenses.fm.config import FMDefenseConfig
 from fmdefense.defenses.fm.detector import FMDefense
 from fmdefense.defenses.jobs import load_models
+from fmdefense.defenses.registry import load_defense
 from fmdefense.evaluation import experiments as ex
 from fmdefense.evaluation.baselines import (
+    contract_baseline,
     defensegan_baseline,
     magnet_baseline,
     recon_baseline,
@@ -103,6 +106,12 @@ def run_reproduce(
     if "magnet" in baselines:
         results["magnet"], scores["MagNet"] = magnet_baseline(
             run, dataset, profile, clf, x_cle, y_cle, adv_sets, device
+        )
+    fbgan_dir = weights_home() / dataset / "fbgan"
+    if "fbgan" in baselines and (fbgan_dir / "config.json").is_file():
+        fbgan = load_defense(fbgan_dir, clf)
+        results["fbgan"], scores["FBGAN"] = contract_baseline(
+            run, "fbgan", fbgan, fbgan_dir, x_cle, y_cle, adv_sets
         )
     if "defensegan" in baselines:
         results["defense_gan"], scores["Defense-GAN"] = defensegan_baseline(

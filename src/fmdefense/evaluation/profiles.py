@@ -74,4 +74,4 @@ PROFILES: dict[str, Profile] = {
         n_tuning=100,
     ),
 }
-BASELINES = ("recon", "magnet", "defensegan")
+BASELINES = ("recon", "magnet", "defensegan", "fbgan")

@@ -20,11 +20,12 @@ def _lead_table(results: dict[str, Any]) -> list[str]:
     gan = results.get("defense_gan", {})
     gan_t, n_gan = gan.get("table2", {}), gan.get("n_per_set", "–")
     joint = results.get("table2_joint_fpr_5pct", {})
+    fbgan = results.get("fbgan", {}).get("table2", {})
     lines = [
         f"| set | n | no defense | **default** ({d['chosen']['combine']}, "
-        f"{d['chosen']['purify']}) | flagged | MagNet | Defense-GAN (first {n_gan}) | "
+        f"{d['chosen']['purify']}) | flagged | MagNet | Defense-GAN (first {n_gan}) | FBGAN | "
         "FM-Defense (joint, VAL FPR ≤ 5 %) |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
         key = "clean" if name == "CLE" else name
@@ -33,7 +34,7 @@ def _lead_table(results: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {name} | {t2.get('n', '–')} | {_pct(t2.get('no_defense'))} | **{_pct(ours)}** | "
             f"{_pct(row['flagged'])} | {_pct(magnet.get(key))} | {_pct(gan_t.get(key))} | "
-            f"{_pct(joint.get(key, {}).get('fm_defense'))} |"
+            f"{_pct(fbgan.get(key))} | {_pct(joint.get(key, {}).get('fm_defense'))} |"
         )
     return lines
 
@@ -56,15 +57,20 @@ def _targets(results: dict[str, Any]) -> list[str]:
         out.append(
             f"- CLE flagged ≤ {_pct(fpr_t)}: {_pct(cle['flagged'])} — {'met' if ok else 'missed'}"
         )
+    gan = results.get("defense_gan", {}).get("table2", {})
     for name, row in rows.items():
         if name == "CLE":
             continue
         gap = row["defended"] - adv_t
-        ahead = magnet.get(name) is None or row["defended"] >= magnet[name]
+        behind = [
+            f"behind {who} ({_pct(t[name])})"
+            for who, t in (("MagNet", magnet), ("Defense-GAN", gan))
+            if t.get(name) is not None and row["defended"] < t[name]
+        ]
         out.append(
             f"- {name} ≥ {_pct(adv_t)} defended: {_pct(row['defended'])} — "
             + ("met" if gap >= 0 else f"missed by {100 * -gap:.1f} points")
-            + ("" if ahead else f"; behind MagNet ({_pct(magnet[name])})")
+            + "".join(f"; {b}" for b in behind)
         )
     return out
 
