@@ -210,3 +210,8 @@ def test_registered_and_cli_parses() -> None:
     add_train_fbgan(parser.add_subparsers(dest="what"))
     args = parser.parse_args(["fbgan", "--dataset", "fmnist", "--epochs", "3", "--keep-resume"])
     assert (args.dataset, args.epochs, args.keep_resume, args.out) == ("fmnist", 3, True, None)
+
+
+def test_the_papers_variant_trains_without_the_pixel_term() -> None:
+    hist = train_fbgan(FBGAN(dataclasses.replace(TINY, recon_weight=0.0)), _images(16), CPU)
+    assert hist[0]["recon_term"] == 0.0 and hist[0]["mi"] > 0.0

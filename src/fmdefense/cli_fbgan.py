@@ -60,7 +60,7 @@ def add_train_fbgan(train_subparsers: argparse._SubParsersAction) -> argparse.Ar
         "--recon-weight",
         type=float,
         default=None,
-        help="weight of the pixel term ‖G(E(x)) − x‖² (not in the paper; default 0)",
+        help="weight of the pixel term ‖G(E(x)) − x‖² (not in the paper; default 1, 0 = paper)",
     )
     p.add_argument(
         "--keep-resume",

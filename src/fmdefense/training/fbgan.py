@@ -5,7 +5,7 @@ Per batch of real images x (B) and prior codes z ~ N(0, I) (B):
   E, G step: BCE(D(x, E(x)), 0) + BCE(D(G(z), z), 1)          (labels swapped: the
              non-saturating form of BiGAN's min-max, as in its and ALI's code)
              + mi_weight · ½‖E(G(z)) − z‖²                     (InfoGAN-style MI bound)
-             + recon_weight · ‖G(E(x)) − x‖²                   (0 by default; not the paper's)
+             + recon_weight · ‖G(E(x)) − x‖²                   (default 1; not in the paper)
 (squared norms per sample, averaged over the batch)
 """
 
