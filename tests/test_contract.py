@@ -67,15 +67,26 @@ def _defensegan() -> tuple[Defense, Callable[[Path], Defense]]:
     return d, lambda folder: DefenseGAN.load(folder, clf)
 
 
+def _fbgan() -> tuple[Defense, Callable[[Path], Defense]]:
+    from fmdefense.defenses.fbgan import FBGANDefense, FBGANDefenseConfig
+    from fmdefense.models.fbgan import FBGAN, FBGANConfig
+
+    clf = ToyClassifier()
+    cfg = FBGANConfig(image_size=(4, 4), z_dim=3, width=4, disc_hidden=8)
+    d = FBGANDefense(clf, FBGAN(cfg), FBGANDefenseConfig(drop_rate=0.1))  # untrained, seeded
+    return d, lambda folder: FBGANDefense.load(folder, clf)
+
+
 BUILDERS: dict[str, Callable[[], tuple[Defense, Callable[[Path], Defense]]]] = {
     "fm": _fm,
     "recon": _recon,
     "default": _default,
     "magnet": _magnet,
     "defensegan": _defensegan,
+    "fbgan": _fbgan,
 }
 # Defenses whose accepted label is not C(x): MagNet's is C(AE_I(x)), Defense-GAN's C(G(z*)).
-RELABELS = ("default", "magnet", "defensegan")
+RELABELS = ("default", "magnet", "defensegan", "fbgan")
 NAMES = sorted(DEFENSES)
 
 

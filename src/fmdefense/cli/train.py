@@ -14,6 +14,7 @@ from fmdefense.cli.common import (
     non_negative_int,
     positive_int,
 )
+from fmdefense.cli.fbgan import add_train_fbgan
 from fmdefense.core.device import resolve_device
 
 
@@ -123,3 +124,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=positive_int, default=None, help="use only N training images")
     add_device(p)
     p.set_defaults(func=defensegan_command)
+    add_train_fbgan(train)

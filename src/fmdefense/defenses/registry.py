@@ -16,6 +16,7 @@ from fmdefense.core.errors import ArtifactError, InputError
 from fmdefense.defenses.base import Defense
 from fmdefense.defenses.default import DefaultDefense
 from fmdefense.defenses.defense_gan import DefenseGAN
+from fmdefense.defenses.fbgan import FBGANDefense
 from fmdefense.defenses.fm.detector import FMDefense
 from fmdefense.defenses.magnet import MagNet
 from fmdefense.defenses.recon_check import ReconstructionCheck
@@ -26,6 +27,7 @@ DEFENSES: dict[str, type[Defense]] = {
     ReconstructionCheck.name: ReconstructionCheck,
     MagNet.name: MagNet,
     DefenseGAN.name: DefenseGAN,
+    FBGANDefense.name: FBGANDefense,
 }
 KINDS: dict[str, type[Defense]] = {cls.kind: cls for cls in DEFENSES.values()}
 # Defenses whose `load` needs the combo-VAE beside the classifier (the others hold their networks)
