@@ -16,7 +16,7 @@ from fmdefense.cli.common import (
 from fmdefense.core.device import resolve_device
 from fmdefense.core.errors import InputError
 
-BASELINES = ("recon", "magnet", "defensegan")
+BASELINES = ("recon", "magnet", "defensegan", "fbgan")  # as evaluation.profiles (imported lazily)
 
 
 def _attacks(names: list[str] | None) -> tuple[tuple[str, str], ...]:
@@ -112,7 +112,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--defenses",
         nargs="+",
         default=["fm,recon,magnet,defensegan,fbgan"],
-        help="comma- or space-separated: fm (always), recon, magnet, defensegan",
+        help="comma- or space-separated: fm (always), recon, magnet, defensegan, fbgan",
     )
     p.add_argument(
         "--adaptive-limit",
