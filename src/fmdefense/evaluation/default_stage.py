@@ -59,6 +59,8 @@ def policy_rows(
         counts = dec.counts()
         row = {k: v / len(y) for k, v in counts.items()}
         row["flagged"] = float(dec.flagged.float().mean())
+        row["n"] = len(y)
+        row["no_defense"] = accuracy(dec.input_label, y)
         row["accuracy"] = accuracy(dec.label, y)
         row["defended"] = defended_accuracy(dec.label, y)
         rows[name] = row
