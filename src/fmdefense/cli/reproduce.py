@@ -86,7 +86,8 @@ def summary_table(results: dict[str, Any]) -> str:
         ours = row["accuracy"] if name == "CLE" else row["defended"]
         cells = " ".join(f"{_pct(c.get(key)):>12}" for c in cols.values())
         lines.append(
-            f"{name:>16} {_pct(t2.get('no_defense')):>11} {_pct(ours):>9} {cells} "
+            f"{name:>16} {_pct(row.get('no_defense', t2.get('no_defense'))):>11} "
+            f"{_pct(ours):>9} {cells} "
             f"{_pct(t2.get('fm_defense')):>16}"
         )
     return "\n".join(lines)
