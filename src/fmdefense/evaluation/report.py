@@ -31,6 +31,12 @@ PAPER_FIGURES = {
 }
 
 
+def _quoted(quoted: dict[str, Any], name: str) -> dict[str, Any]:
+    """The paper's figures for one of its own attacks (none for the high-confidence ones)."""
+    paper_attacks = ("clean", "fgsm", "deepfool_linf", "cw_l2-fast", "cw_l2-reference")
+    return quoted.get(name.split("-")[0], {}) if name in paper_attacks else {}
+
+
 def _pct(v: Any) -> str:
     return "–" if v is None else f"{100 * float(v):.1f} %"
 
@@ -44,7 +50,7 @@ def table2_markdown(table: dict[str, Any], dataset: str) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name, row in table.items():
-        q = quoted.get(name.split("-")[0], {})
+        q = _quoted(quoted, name)
         lines.append(
             f"| {name} | {row['n']} | {_pct(row['no_defense'])} | {_pct(row['fm_defense'])} | "
             f"{_pct(row.get('fm_defense_plain', row['fm_defense']))} | "
@@ -110,7 +116,7 @@ def side_by_side_markdown(results: dict[str, Any], dataset: str) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in t2.items():
-        q = quoted.get(name.split("-")[0], {})
+        q = _quoted(quoted, name)
         lines.append(
             f"| {name} | {_pct(row['no_defense'])} | {_pct(row['fm_defense'])} | "
             f"{_pct(joint[name]['fm_defense'])} | {_pct(recon.get(name))} | "
