@@ -157,6 +157,17 @@ def test_decisions_accept_purify_reject() -> None:
             assert a == ACCEPT and int(dec.label[i]) == int(dec.input_label[i])
     assert sum(dec.counts().values()) == 4
     assert torch.equal(defense.predict(x), dec.label)
+    # force all three actions through decide_from_resistance with known thresholds
+    m = len(defense.code_idx_)
+    defense.theta_, defense.theta_d_ = torch.full((m,), 0.5), 0.2
+    r = torch.full((4, m), 0.9)
+    r[1, 0] = 0.45  # just below on one code: Dis 0.05 <= θ_d, purified
+    r[2] = 0.1  # far below on every code: Dis 0.4 m > θ_d, rejected
+    forced = defense.decide_from_resistance(x, r)
+    assert forced.action.tolist() == [ACCEPT, PURIFY, REJECT, ACCEPT]
+    assert int(forced.label[2]) == REJECT_LABEL
+    assert int(forced.label[1]) == int(defense.purify(x[1:2])[0])
+    assert forced.label[[0, 3]].tolist() == forced.input_label[[0, 3]].tolist()
 
 
 def test_save_load_reproduces_decisions_exactly(tmp_path: Path) -> None:

@@ -58,3 +58,19 @@ def test_experiments_write_pngs_and_consistent_table(tmp_path: Path) -> None:
     )
     for name in ("f1", "hist", "f4", "f5", "roc", "f6"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
+
+
+def test_table2_against_hand_computed_numbers() -> None:
+    """Four CLE and four ADV inputs, two codes, θ = (0.5, 0.5), θ_d = 0.2, all by hand."""
+    r = torch.tensor([[0.9, 0.9], [0.45, 0.9], [0.1, 0.1], [0.8, 0.7]])
+    truth = torch.tensor([0, 1, 2, 3])
+    # rows: accept (label 0 right) / purify (Dis 0.05, purified 1 right) / reject (Dis 0.8) /
+    # accept (input label 9 wrong)
+    cle = SetOutputs(r, torch.tensor([0, 5, 2, 9]), torch.tensor([0, 1, 7, 3]), truth)
+    adv = SetOutputs(r, torch.tensor([4, 5, 6, 3]), torch.tensor([4, 7, 6, 3]), truth)
+    t2 = table2(cle, {"a": adv}, torch.tensor([0.5, 0.5]), 0.2)
+    assert t2["clean"]["no_defense"] == 0.5  # labels 0 and 2 right of 0, 5, 2, 9
+    assert t2["clean"]["fm_defense"] == 0.5  # 0 right, purified 1 right, rejected, 9 wrong
+    assert t2["a"]["no_defense"] == 0.25  # only the last (3) right
+    assert t2["a"]["fm_defense"] == 0.5  # accepted 4 wrong, purified 7 wrong, rejected, 3 right
+    assert t2["a"]["fm_defense_plain"] == 0.25

@@ -20,7 +20,7 @@ import torch
 
 from fmdefense.defenses.base import REJECT_LABEL
 from fmdefense.defenses.fm.thresholds import distance, distance_threshold, flags, thresholds
-from fmdefense.defenses.rule import accuracy, defended_accuracy
+from fmdefense.defenses.rule import accuracy, apply_rule, defended_accuracy
 from fmdefense.evaluation.metrics import roc_auc, roc_curve, tpr_at_fpr
 
 FPR_TARGETS = (0.001, 0.01, 0.05)
@@ -45,13 +45,10 @@ def suspicion(r: torch.Tensor) -> torch.Tensor:
 def final_labels(
     out: SetOutputs, theta: torch.Tensor, theta_d: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels and suspicious flags under thresholds θ_r, θ_d (accept / purify / reject)."""
+    """Labels and suspicious flags under thresholds θ_r, θ_d (the one accept/purify/reject rule)."""
     sus = flags(out.resistance, theta)
-    dist = distance(out.resistance, theta)
-    labels = out.input_label.clone()
-    purify = sus & (dist <= theta_d + 1e-12)
-    labels[purify] = out.purified_label[purify]
-    labels[sus & ~purify] = REJECT_LABEL
+    purifiable = distance(out.resistance, theta) <= theta_d + 1e-12
+    _, labels = apply_rule(sus, purifiable, out.input_label, out.purified_label)
     return labels, sus
 
 
