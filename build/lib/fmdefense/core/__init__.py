@@ -1,1 +1,0 @@
-"""Lowest layer: artifact I/O, chunks, paths, provenance, errors, validation, device."""

@@ -1,1 +1,0 @@
-"""Every defense on one contract (base.Defense), the registry and the accept/purify/reject rule."""

@@ -1,1 +1,0 @@
-"""FM-Defense engine: normal ranges, natural morphs, resistance, thresholds, purifier, detector."""

@@ -1,1 +1,0 @@
-"""Evaluation: detection metrics, the paper's experiments and the report."""

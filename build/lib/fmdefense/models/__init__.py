@@ -1,1 +1,0 @@
-"""Networks: the protected classifiers and the combo-VAE."""
