@@ -30,6 +30,7 @@ from fmdefense.core.artifacts import WEIGHTS_FILE, load_tensors, read_config, sa
 from fmdefense.core.config import check_int, check_range, dataclass_kwargs
 from fmdefense.core.errors import ArtifactError, InputError
 from fmdefense.core.validation import check_images
+from fmdefense.models.gan import upsampling_layers
 
 KIND = "fbgan"
 
@@ -129,18 +130,8 @@ class Generator(nn.Module):
 
     def __init__(self, cfg: FBGANConfig) -> None:
         super().__init__()
-        h, w = cfg.image_size[0] // 4, cfg.image_size[1] // 4
-        d = cfg.width
-        self.base = (2 * d, h, w)
-        self.fc = nn.Sequential(
-            nn.Linear(cfg.z_dim, 2 * d * h * w), nn.BatchNorm1d(2 * d * h * w), nn.ReLU()
-        )
-        self.up = nn.Sequential(
-            nn.ConvTranspose2d(2 * d, d, 4, 2, 1),
-            nn.BatchNorm2d(d),
-            nn.ReLU(),
-            nn.ConvTranspose2d(d, cfg.in_channels, 4, 2, 1),
-            nn.Sigmoid(),
+        self.base, self.fc, self.up = upsampling_layers(
+            cfg.z_dim, cfg.width, cfg.in_channels, cfg.image_size
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # (N, z_dim) -> (N, C, H, W)

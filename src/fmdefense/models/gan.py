@@ -68,6 +68,23 @@ class DefenseGANConfig:
         return cls(**raw)
 
 
+def upsampling_layers(
+    z_dim: int, width: int, channels: int, image_size: tuple[int, int]
+) -> tuple[tuple[int, int, int], nn.Sequential, nn.Sequential]:
+    """The DCGAN-style generator's layers (shared by Defense-GAN's and FBGAN's generators):
+    the base shape (2w, H/4, W/4), the dense layer from z, and the two up-convolutions."""
+    h, w, d = image_size[0] // 4, image_size[1] // 4, width
+    fc = nn.Sequential(nn.Linear(z_dim, 2 * d * h * w), nn.BatchNorm1d(2 * d * h * w), nn.ReLU())
+    up = nn.Sequential(
+        nn.ConvTranspose2d(2 * d, d, 4, 2, 1),
+        nn.BatchNorm2d(d),
+        nn.ReLU(),
+        nn.ConvTranspose2d(d, channels, 4, 2, 1),
+        nn.Sigmoid(),
+    )
+    return (2 * d, h, w), fc, up
+
+
 class Generator(nn.Module):
     """DCGAN-style: z → (2w, H/4, W/4) → (w, H/2, W/2) → (C, H, W), sigmoid output.
 
@@ -77,19 +94,9 @@ class Generator(nn.Module):
     def __init__(self, cfg: DefenseGANConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        h, w = cfg.image_size[0] // 4, cfg.image_size[1] // 4
-        d = cfg.width
-        self.base = (2 * d, h, w)
         with seeded(cfg.seed):
-            self.fc = nn.Sequential(
-                nn.Linear(cfg.z_dim, 2 * d * h * w), nn.BatchNorm1d(2 * d * h * w), nn.ReLU()
-            )
-            self.up = nn.Sequential(
-                nn.ConvTranspose2d(2 * d, d, 4, 2, 1),
-                nn.BatchNorm2d(d),
-                nn.ReLU(),
-                nn.ConvTranspose2d(d, cfg.in_channels, 4, 2, 1),
-                nn.Sigmoid(),
+            self.base, self.fc, self.up = upsampling_layers(
+                cfg.z_dim, cfg.width, cfg.in_channels, cfg.image_size
             )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # (N, z_dim) -> (N, C, H, W)
