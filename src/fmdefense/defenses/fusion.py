@@ -46,9 +46,3 @@ def split_indices(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     half = n // 2
     return perm[:half].sort().values, perm[half:].sort().values
-
-
-def max_pvalue_gain(n_ref: int, rule: str) -> float:
-    """The most one more score can add to the statistic (its p-value at the minimum 1/(n+1)):
-    what a cascade needs to know whether a missing score could still flip a decision."""
-    return (2.0 if rule == "fisher" else 1.0) * math.log(n_ref + 1)
