@@ -5,8 +5,6 @@ not reject it, and the label is wrong; a rejected input, or one labelled correct
 `outcomes` applies `defenses.rule.outcome_rates` to one `decide` of an input set and adds what
 the `Decision` itself says: the actions taken, how many of each were wrong, the mean of each
 named score and how many inputs each boolean detail (e.g. one of MagNet's detectors) flagged.
-A defense whose decision depends on an input's position (Defense-GAN's seeded search starts)
-must be judged on a set in the order the attack saw it.
 """
 
 from __future__ import annotations
@@ -16,8 +14,8 @@ from typing import Any
 import torch
 
 from fmdefense.core.errors import NotFittedError
-from fmdefense.defenses.base import ACCEPT, PURIFY, REJECT_LABEL, Decision, Defense
-from fmdefense.defenses.rule import outcome_rates
+from fmdefense.defenses.base import ACCEPT, PURIFY, Decision, Defense
+from fmdefense.defenses.rule import fooled, outcome_rates
 
 
 def require_fitted(defense: Defense) -> None:
@@ -26,12 +24,6 @@ def require_fitted(defense: Defense) -> None:
         raise NotFittedError(
             f"the {type(defense).__name__} is not calibrated: call defense.fit(x_val) or load it"
         )
-
-
-def fooled(labels: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(n,) bool: labelled, not rejected, and wrong."""
-    labels, y = labels.cpu(), y.cpu()
-    return (labels != y) & (labels != REJECT_LABEL)
 
 
 def defended_success(defense: Defense, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -50,12 +50,18 @@ def defended_accuracy(labels: torch.Tensor, truth: torch.Tensor) -> float:
     return float(ok.float().mean())
 
 
+def fooled(labels: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """(n,) bool: labelled (not rejected) and wrong — an attack's success on that input."""
+    labels, truth = labels.cpu().long(), truth.cpu().long()
+    return (labels != truth) & (labels != REJECT_LABEL)
+
+
 def outcome_rates(labels: torch.Tensor, truth: torch.Tensor) -> dict[str, Any]:
     """Robust accuracy with rejection, attack success and accept rate from final labels (n,)."""
     labels, truth = labels.cpu().long(), truth.cpu().long()
     n = len(truth)
     rejected = labels == REJECT_LABEL
-    wrong = ~rejected & (labels != truth)
+    wrong = fooled(labels, truth)
 
     def share(m: torch.Tensor) -> float:
         return float(m.float().mean()) if n else 0.0

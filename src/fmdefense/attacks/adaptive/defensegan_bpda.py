@@ -26,10 +26,10 @@ from torch import nn
 
 from fmdefense.attacks.adaptive.base import Pool
 from fmdefense.attacks.adaptive.stealth import StealthPGD
-from fmdefense.attacks.defended import fooled
 from fmdefense.core.config import check_choice
 from fmdefense.defenses.base import Defense
 from fmdefense.defenses.defense_gan import DefenseGAN
+from fmdefense.defenses.rule import fooled
 
 STARTS = ("defense", "fresh")
 

@@ -21,12 +21,12 @@ from fmdefense.attacks.adaptive.base import (
     project_linf,
 )
 from fmdefense.attacks.adaptive.losses import margin
-from fmdefense.attacks.defended import fooled
 from fmdefense.core.config import check_int, check_range
 from fmdefense.defenses import fusion
 from fmdefense.defenses.base import Decision, Defense
 from fmdefense.defenses.default import DefaultDefense
 from fmdefense.defenses.fm.detector import FMDefense
+from fmdefense.defenses.rule import fooled
 
 # (defense, its decision) -> (how far each input is from acceptance (n,) ≥ 0, the largest value)
 Deficit = Callable[[Defense, Decision], tuple[torch.Tensor, float]]
