@@ -45,7 +45,7 @@ def _defenses(parts: list[str]) -> tuple[str, ...]:
 
 def _profile_overrides(args: argparse.Namespace) -> dict[str, int]:
     """Profile fields changed on the command line (stated in the run's profile.json)."""
-    given = {"adaptive_limit": args.adaptive_limit, "n_cle": args.n_cle}
+    given = {"adaptive_limit": args.adaptive_limit, "n_cle": args.n_cle, "fm_limit": args.fm_limit}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -127,6 +127,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="evaluate on the first N CLE images (default: the profile's; paper: all 5,000); "
         "use a fresh --out, and N ≥ --adaptive-limit",
+    )
+    p.add_argument(
+        "--fm-limit",
+        type=positive_int,
+        default=None,
+        help="FM-Defense's morphs on only the first N images of every set, CLE included "
+        "(its 2,000 morphs per input dominate the run); every other defense sees whole sets",
     )
     add_device(p)
     p.set_defaults(func=run_command)
