@@ -146,7 +146,8 @@ class RayExecutor(Executor):
                 value = ray.get(ref)
             except ray.exceptions.RayTaskError as exc:  # fn raised: the same error as serial
                 self._drain(pending)
-                raise exc.as_instanceof_cause() from None
+                cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+                raise cause from None
             except ray.exceptions.RayError as exc:  # the worker or its node died
                 log.warning("%s: task %d lost: %s", desc, index[ref], type(exc).__name__)
                 lost.append(index[ref])
