@@ -3,16 +3,19 @@ dies, a rerun resumes from the chunk files; and the errors when Ray is missing o
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
 import torch
 
+from fmdefense.attacks.adaptive import run_sweep
 from fmdefense.attacks.runner import attack_set
 from fmdefense.cli import main
 from fmdefense.core.chunks import chunked
@@ -24,17 +27,20 @@ from fmdefense.core.executor import (
     make_executor,
     using_executor,
 )
+from tests.test_adaptive import toy_default, toy_inputs
 from tests.test_attacks import toy_model
 
 Compute = Callable[[int, int], dict[str, torch.Tensor]]
+ROOT = Path(__file__).resolve().parents[1]
 X = torch.randn(50, 7, generator=torch.Generator().manual_seed(3))  # (n, d)
 
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
-    """One local Ray with 2 worker CPUs for the whole module."""
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    """One local Ray with 2 worker CPUs for the whole module; its workers import `tests`."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {"env_vars": {"PYTHONPATH": path}}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=env)
     yield
     ray.shutdown()
 
@@ -87,6 +93,27 @@ def test_ray_gives_the_serial_results_and_the_same_chunk_files(
         b = attack_set("fgsm", None, model, x, y, tmp_path / "a-ray", batch_size=10)
     assert torch.equal(a.x_adv, b.x_adv) and torch.equal(a.success, b.success)
     assert len(list((tmp_path / "a-ray" / "chunks").glob("chunk-*"))) == 3
+
+
+def test_the_adaptive_sweep_on_ray_gives_the_serial_summary(
+    local_ray: None, tmp_path: Path
+) -> None:
+    x, y = toy_inputs()
+
+    def sweep(out: Path) -> dict[str, Any]:
+        d = toy_default()
+        summary = run_sweep(d, x, y, ["default_joint"], [0.3, 0.05], out, changes={"steps": 5})
+        return json.loads(json.dumps(summary, default=str), object_hook=_untimed)
+
+    serial = sweep(tmp_path / "serial")
+    with using_executor(RayExecutor()):
+        on_ray = sweep(tmp_path / "ray")
+    assert on_ray == serial
+    assert len(list((tmp_path / "ray").rglob("*.json"))) == 7  # clean, 2 ε, 2 checks, bare, summary
+
+
+def _untimed(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k not in ("seconds", "seconds_per_image")}
 
 
 def test_a_killed_worker_is_retried_and_nothing_is_lost(local_ray: None, tmp_path: Path) -> None:
