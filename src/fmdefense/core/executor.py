@@ -120,7 +120,16 @@ class RayExecutor(Executor):
         if self.address is None:
             self.ray.init(num_cpus=self.num_cpus, include_dashboard=False)
         else:
-            self.ray.init(address=self.address)
+            try:
+                self.ray.init(address=self.address)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise ExecutorError(
+                    f"could not join the Ray cluster at {self.address!r} "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0]}); check the address that "
+                    "`ray start --head` printed, and for a cluster with token authentication "
+                    "(Ray's default) set RAY_AUTH_MODE=token with its token in ~/.ray/auth_token "
+                    "or RAY_AUTH_TOKEN"
+                ) from exc
         self._started = True
         log.info("Ray: %s", self.ray.cluster_resources())
 
