@@ -40,7 +40,7 @@ def local_ray() -> Iterator[None]:
     """One local Ray with 2 worker CPUs for the whole module; its workers import `tests`."""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env = {"env_vars": {"PYTHONPATH": path}}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=env)
+    ray.init("local", num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=env)
     yield
     ray.shutdown()
 
@@ -175,3 +175,19 @@ def test_executor_names_and_addresses_are_checked(capsys: pytest.CaptureFixture[
     argv = ["attack", "--dataset", "mnist", "--attack", "fgsm", "--ray-address", "auto"]
     assert main(argv) == 2
     assert "needs the ray executor (--executor ray)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["attack", "calibrate", "defend", "adaptive", "reproduce"])
+def test_every_long_command_takes_the_executor_flags(command: str) -> None:
+    from fmdefense.cli import build_parser
+
+    required = {
+        "attack": ["--dataset", "mnist", "--attack", "fgsm"],
+        "calibrate": ["--dataset", "mnist"],
+        "defend": ["--input", "clean"],
+        "adaptive": ["--dataset", "mnist", "--defense", "magnet"],
+        "reproduce": [],
+    }[command]
+    flags = ["--executor", "ray", "--ray-address", "HOST:6379"]
+    args = build_parser().parse_args([command, *required, *flags])
+    assert (args.executor, args.ray_address) == ("ray", "HOST:6379")

@@ -118,7 +118,9 @@ class RayExecutor(Executor):
         if self.ray.is_initialized():
             return
         if self.address is None:
-            self.ray.init(num_cpus=self.num_cpus, include_dashboard=False)
+            # "local": a new Ray here, even when a `ray start` cluster (or a stale record of
+            # one) exists on this machine; joining that is --ray-address auto
+            self.ray.init(address="local", num_cpus=self.num_cpus, include_dashboard=False)
         else:
             try:
                 self.ray.init(address=self.address)
