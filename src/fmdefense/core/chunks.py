@@ -81,7 +81,7 @@ def chunked(
 
     # Resumable stages (with a folder) run on the command's executor; others stay here.
     executor = current_executor() if folder is not None else SerialExecutor()
-    executor.map(compute, todo, finished, desc=desc)
+    executor.map(compute, todo, finished, desc=desc, unit="chunk")
     if not parts:
         return {}
     ordered = [parts[start] for start in starts]

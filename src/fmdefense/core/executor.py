@@ -55,8 +55,10 @@ class Executor(ABC):
         on_result: OnResult,
         *,
         desc: str = "tasks",
+        unit: str = "task",
     ) -> None:
-        """Call `on_result(i, fn(*items[i]))` for every i, each as soon as its result is ready."""
+        """Call `on_result(i, fn(*items[i]))` for every i, each as soon as its result is ready;
+        `desc` and `unit` name the stage and its items in the progress lines."""
 
     def close(self) -> None:
         """Release what this executor started (nothing by default)."""
@@ -75,8 +77,9 @@ class SerialExecutor(Executor):
         on_result: OnResult,
         *,
         desc: str = "tasks",
+        unit: str = "task",
     ) -> None:
-        for i in progress(range(len(items)), desc=desc, unit="chunk"):
+        for i in progress(range(len(items)), desc=desc, unit=unit):
             on_result(i, fn(*items[i]))
 
 
@@ -142,6 +145,7 @@ class RayExecutor(Executor):
         on_result: OnResult,
         *,
         desc: str = "tasks",
+        unit: str = "task",
     ) -> None:
         if not items:
             return
@@ -151,7 +155,7 @@ class RayExecutor(Executor):
         fn_ref = ray.put(fn)  # shipped once, not once per task
         index = {task.remote(fn_ref, *item): i for i, item in enumerate(items)}
         pending, lost = list(index), []
-        for _ in progress(range(len(items)), desc=f"{desc} (ray)", unit="chunk"):
+        for _ in progress(range(len(items)), desc=f"{desc} (ray)", unit=unit):
             (ref,), pending = ray.wait(pending, num_returns=1)
             try:
                 value = ray.get(ref)

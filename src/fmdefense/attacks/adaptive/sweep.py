@@ -170,7 +170,7 @@ class _Units:
 
         # Resumable sweeps (with a folder) run on the command's executor; others stay here.
         executor = current_executor() if self.out is not None else SerialExecutor()
-        executor.map(compute, [(name,) for name in todo], finished, desc="adaptive")
+        executor.map(compute, [(name,) for name in todo], finished, desc="adaptive", unit="unit")
         return self.results
 
 
