@@ -140,8 +140,8 @@ def add_executor(p: argparse.ArgumentParser) -> None:
         "--ray-address",
         default=None,
         metavar="ADDR",
-        help="with --executor ray: a running cluster (auto, HOST:6379 or ray://HOST:10001); "
-        "default: start a local Ray on this machine",
+        help="with --executor ray: a running cluster (HOST:PORT as `ray start --head` printed, "
+        "or auto for one on this machine); default: start a local Ray on this machine",
     )
 
 

@@ -92,8 +92,8 @@ class RayExecutor(Executor):
     """One Ray task per item, on a local Ray (started here) or the cluster at `address`.
 
     `address`: None starts a local Ray on this machine (`num_cpus` workers, default all
-    cores); "auto" joins a Ray started with `ray start --head` on this machine; "HOST:6379"
-    or "ray://HOST:10001" a remote cluster. When Ray is already initialised it is used as is.
+    cores); "auto" joins a Ray started with `ray start --head` on this machine; "HOST:PORT"
+    the cluster whose head is there. When Ray is already initialised it is used as is.
     A task whose worker dies is retried `max_retries` times; tasks still lost then raise an
     ExecutorError after every other task has finished and been handed over.
     """
