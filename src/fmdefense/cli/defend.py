@@ -17,6 +17,7 @@ from fmdefense.cli.common import (
     MODEL_DATASETS,
     add_classifier_spec,
     add_common,
+    add_executor,
     codes,
     default_out,
     open_probability,
@@ -221,6 +222,7 @@ def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
     de.add_argument("--magnet", type=Path, default=None, help="MagNet folder (weights/D/magnet)")
     de.add_argument("--no-magnet", action="store_true", help="fuse no autoencoder scores")
     add_common(p)
+    add_executor(p)
     p.set_defaults(func=calibrate_command)
 
 
@@ -252,6 +254,7 @@ def _defend_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vae", type=Path, default=None, help="combo-VAE folder (shipped weights)")
     add_classifier_spec(p)
     add_common(p)
+    add_executor(p)
     p.set_defaults(func=defend_command)
 
 

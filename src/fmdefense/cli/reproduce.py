@@ -9,6 +9,7 @@ from typing import Any
 from fmdefense.cli.common import (
     MODEL_DATASETS,
     add_device,
+    add_executor,
     default_out,
     non_negative_int,
     positive_int,
@@ -136,4 +137,5 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(its 2,000 morphs per input dominate the run); every other defense sees whole sets",
     )
     add_device(p)
+    add_executor(p)
     p.set_defaults(func=run_command)
