@@ -40,7 +40,14 @@ def local_ray() -> Iterator[None]:
     """One local Ray with 2 worker CPUs for the whole module; its workers import `tests`."""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env = {"env_vars": {"PYTHONPATH": path}}
-    ray.init("local", num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=env)
+    ray.init(
+        "local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env=env,
+        _node_ip_address="127.0.0.1",  # loopback only
+    )
     yield
     ray.shutdown()
 

@@ -122,8 +122,14 @@ class RayExecutor(Executor):
             return
         if self.address is None:
             # "local": a new Ray here, even when a `ray start` cluster (or a stale record of
-            # one) exists on this machine; joining that is --ray-address auto
-            self.ray.init(address="local", num_cpus=self.num_cpus, include_dashboard=False)
+            # one) exists on this machine; joining that is --ray-address auto. Its processes
+            # talk over loopback only (no traffic on the machine's network address).
+            self.ray.init(
+                address="local",
+                num_cpus=self.num_cpus,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+            )
         else:
             try:
                 self.ray.init(address=self.address)
