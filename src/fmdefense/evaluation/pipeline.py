@@ -101,7 +101,7 @@ def run_reproduce(
     scores = {"FM-Defense": fm}
     if "recon" in baselines:
         results["recon_check"], scores["recon check"] = recon_baseline(
-            clf, vae, x_val, x_cle, y_cle, adv_sets
+            run, clf, vae, x_val, x_cle, y_cle, adv_sets
         )
     if "magnet" in baselines:
         results["magnet"], scores["MagNet"] = magnet_baseline(
