@@ -48,6 +48,7 @@ bench: data
 	$(PY) benchmarks/morph_throughput.py
 	$(PY) benchmarks/defense_cost.py
 	$(PY) benchmarks/serving.py
+	$(PY) benchmarks/sequential.py
 
 # Build the wheel, install it into a fresh venv outside the repo, run the installed CLI there.
 # An installed fmdefense finds the shipped weights through $FMDEFENSE_WEIGHTS (they are not
