@@ -12,6 +12,7 @@ from fmdefense.defenses.fm.sequential import (
     SequentialConfig,
     count_bounds,
     full_actions,
+    pooled_dis_floor,
     simulate,
 )
 from fmdefense.defenses.fm.thresholds import distance, flags
@@ -84,3 +85,29 @@ def test_simulation_is_seeded() -> None:
     cfg = SequentialConfig(mode="confidence", alpha_high=0.2)
     a, b = simulate(r, N, theta, theta_d, cfg, seed=3), simulate(r, N, theta, theta_d, cfg, seed=3)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_pooled_dis_floor_is_a_lower_bound_at_its_error_rate() -> None:
+    theta = torch.tensor([0.5, 0.6, 0.7, -1.0])
+    r = torch.tensor([0.05, 0.1, 0.0, 0.3])  # Dis = 0.45 + 0.5 + 0.7 = 1.65
+    true_dis = float(distance(r.view(1, -1), theta)[0])
+    counts = (r * N).round().long()
+    gen = torch.Generator().manual_seed(0)
+    trials, k = 4000, 8
+    order = torch.rand(trials, 4, N, generator=gen).argsort(-1)
+    agree = (order[..., :k] < counts.view(1, -1, 1)).sum(-1).float()  # (trials, 4)
+    seen = torch.full_like(agree, float(k))
+    no_help = torch.ones_like(agree)  # per-code upper bounds that say nothing
+    floor = pooled_dis_floor(agree, seen, no_help, theta, alpha=0.05)
+    assert float((floor > true_dis + 1e-9).float().mean()) <= 0.05
+    assert float(floor.max()) > 1.0  # and it is informative
+    # every morph seen: never above the true Dis
+    full = pooled_dis_floor(
+        r.view(1, -1) * N, torch.full((1, 4), float(N)), r.view(1, -1), theta, 0.05
+    )
+    assert float(full[0]) <= true_dis + 1e-9
+    # nothing seen: no bound
+    assert (
+        float(pooled_dis_floor(torch.zeros(1, 4), torch.zeros(1, 4), no_help, theta, 0.05)[0])
+        == -math.inf
+    )

@@ -13,8 +13,10 @@ side of θ_d.
   reject by an exact hypergeometric tail test (the morphs are drawn without replacement from the
   input's N): a code is called above θ_i when P(≥ s agreements in k | a = ⌊θ_i N⌋) ≤ α_high and
   at or below it when P(≤ s | a = ⌊θ_i N⌋ + 1) ≤ α_low; Dis's bounds use α / m per code (they
-  sum m codes). The α are per code and look, not corrected for repeated looks; they were chosen
-  on clean VAL resistances (`benchmarks/serving.py` simulates the rule on committed ones).
+  sum m codes), and Dis's lower bound also a pooled Chernoff bound at α_low
+  (`pooled_dis_floor`). The α are per code and look, not corrected for repeated looks; they were
+  chosen on clean VAL resistances (`benchmarks/sequential.py` simulates the rule on committed
+  ones, and says the choice).
 
 Morphs are taken in the engine's shuffled order, so every prefix is a random sample of N, and
 a rule can be simulated exactly from counts alone (`simulate`).
@@ -23,6 +25,7 @@ a rule can be simulated exactly from counts alone (`simulate`).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -89,15 +92,19 @@ def interval_state(
     dis_hi: torch.Tensor,
     theta: torch.Tensor,
     theta_d: float,
+    dis_floor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(settled (n,), action (n,), codes that can still matter (n, m)) from resistance intervals
-    [lo, hi] (n, m) for the flag and [dis_lo, dis_hi] for Dis."""
+    [lo, hi] (n, m) for the flag and [dis_lo, dis_hi] for Dis (and another lower bound on Dis
+    (n,), if given)."""
     t = theta.view(1, -1)
     above = lo > t  # this code can no longer flag
     surely_flag = (hi <= t).any(1)
     surely_accept = above.all(1)
     dis_max = (t - dis_lo).clamp(min=0).sum(1)
     dis_min = (t - dis_hi).clamp(min=0).sum(1)
+    if dis_floor is not None:
+        dis_min = torch.maximum(dis_min, dis_floor.to(dis_min.dtype))
     purify_sure = dis_max <= theta_d + EPS
     reject_sure = dis_min > theta_d + EPS
     settled = surely_accept | (surely_flag & (purify_sure | reject_sure))
@@ -130,10 +137,51 @@ def confidence_state(
     k, s = seen.long(), agree.long()
     lo, hi = count_bounds(N, cfg.alpha_high, cfg.alpha_low)
     d_lo, d_hi = count_bounds(N, cfg.alpha_high / m, cfg.alpha_low / m)
+    dis_hi = d_hi[k, s] / N
+    floor = pooled_dis_floor(agree, seen, dis_hi, theta, cfg.alpha_low)
     settled, action, need = interval_state(
-        lo[k, s] / N, hi[k, s] / N, d_lo[k, s] / N, d_hi[k, s] / N, theta, theta_d
+        lo[k, s] / N, hi[k, s] / N, d_lo[k, s] / N, dis_hi, theta, theta_d, floor
     )
     return settled, action, need & (seen < N)
+
+
+def _kl(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Bernoulli KL(q ‖ p), elementwise."""
+    return (
+        torch.xlogy(q, q)
+        - torch.xlogy(q, p)
+        + torch.xlogy(1 - q, 1 - q)
+        - torch.xlogy(1 - q, 1 - p)
+    )
+
+
+def pooled_dis_floor(
+    agree: torch.Tensor,
+    seen: torch.Tensor,
+    dis_hi: torch.Tensor,
+    theta: torch.Tensor,
+    alpha: float,
+) -> torch.Tensor:
+    """A lower bound on Dis (n,) from the pooled agreements of the codes that have seen the
+    most morphs (the pool P, all at k): Dis ≥ Σ_P (θ_i − r_i) + Σ_rest (θ_i − hi_i)+, and
+    Σ_P r_i ≤ |P| p⁺, the Chernoff (KL) upper bound at `alpha` on their mean resistance. Valid
+    because draws without replacement are more concentrated than binomial ones (Hoeffding 1963)
+    and, at a given mean, unequal codes more than equal ones. Per-code bounds alone need nearly
+    every morph to prove Dis > θ_d when θ_d lies close to Σ θ_i."""
+    t = theta.view(1, -1).double()
+    k_max = seen.max(1, keepdim=True).values
+    pool = (seen == k_max) & (k_max > 0) & (t >= 0)  # (n, m); NEVER codes add nothing to Dis
+    K = (seen * pool).sum(1).double()  # (n,) morphs pooled
+    q = (agree * pool).sum(1).double() / K.clamp(min=1)
+    low, high = q.clone(), torch.ones_like(q)
+    budget = math.log(1 / alpha)
+    for _ in range(40):  # bisection for the largest p with K · KL(q ‖ p) ≤ log(1/α)
+        mid = (low + high) / 2
+        inside = K * _kl(q, mid) <= budget
+        low, high = torch.where(inside, mid, low), torch.where(inside, high, mid)
+    rest = ((t - dis_hi.double()).clamp(min=0) * ~pool).sum(1)
+    floor = (t * pool).sum(1) - pool.sum(1) * high + rest
+    return torch.where(K > 0, floor, torch.full_like(floor, -math.inf))
 
 
 def _state(N: int, theta: torch.Tensor, theta_d: float, cfg: SequentialConfig) -> State:
