@@ -90,3 +90,11 @@ def test_inference_copy_is_channels_last_and_follows_weight_changes() -> None:
         assert fresh is not twin and torch.allclose(fresh(x), clf(x), atol=1e-5)
     clf.train()  # a mode change too
     assert inference_copy(clf) is not fresh
+
+
+def test_inference_copy_of_a_module_built_in_inference_mode() -> None:
+    with torch.inference_mode():
+        net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten())
+    x = torch.rand(2, 1, 5, 5)
+    with torch.inference_mode():
+        assert torch.allclose(inference_copy(net)(x), net(x), atol=1e-6)

@@ -34,7 +34,10 @@ def _state(module: nn.Module) -> tuple[Any, ...]:
     """What identifies a module's weights and modes: each tensor's storage and version counter
     (bumped by every in-place change), and every submodule's training flag."""
     tensors = chain(module.parameters(), module.buffers())
-    weights = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+    # an inference tensor has no version counter (and can change only in inference mode)
+    weights = tuple(
+        (t.data_ptr(), -1 if t.is_inference() else t._version, t.dtype, t.device) for t in tensors
+    )
     return weights, tuple(m.training for m in module.modules())
 
 
