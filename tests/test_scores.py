@@ -98,3 +98,19 @@ def test_inference_copy_of_a_module_built_in_inference_mode() -> None:
     x = torch.rand(2, 1, 5, 5)
     with torch.inference_mode():
         assert torch.allclose(inference_copy(net)(x), net(x), atol=1e-6)
+
+
+def test_the_shipped_default_reproduces_its_stored_reference_scores() -> None:
+    """End to end on real weights: the VAL reference scores stored in weights/mnist/default
+    (computed by the per-network code it was calibrated with) from today's batched pass."""
+    from fmdefense.core.paths import model_dir
+    from fmdefense.data import load_raw, split_tensors
+    from fmdefense.defenses import fusion
+    from fmdefense.defenses.jobs import load_models
+
+    clf, vae = load_models("mnist", torch.device("cpu"))
+    d = DefaultDefense.load(model_dir("mnist", "default"), clf, vae)
+    x_val = split_tensors(load_raw("mnist"), "val")[0]
+    ref_idx = fusion.split_indices(len(x_val), d.config.seed)[0][:64]
+    s = d._score_matrix(x_val[ref_idx], d.names_)
+    assert torch.allclose(s, d.reference_[:64], rtol=1e-5, atol=1e-6)
