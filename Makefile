@@ -48,6 +48,7 @@ bench: data
 	$(PY) benchmarks/morph_throughput.py
 	$(PY) benchmarks/defense_cost.py
 	$(PY) benchmarks/serving.py
+	$(PY) benchmarks/sequential.py
 
 # Build the wheel, install it into a fresh venv outside the repo, run the installed CLI and
 # fmdefense.pretrained("mnist") there (tests/test_wheel.py; `make test` runs it too). An

@@ -308,7 +308,7 @@ def test_exact_early_stopping_gives_identical_decisions_with_fewer_morphs(rho: f
     used = fast.details["morphs"]
     assert int(used.max()) <= 40 * len(defense.code_idx_)
     assert int(used.sum()) < 40 * len(defense.code_idx_) * len(x)  # something was saved
-    sprt = defense.decide_sequential(x, SequentialConfig(mode="sprt", round_size=5))
-    assert len(sprt) == len(x)
-    assert bool((sprt.details["morphs"] <= 40 * len(defense.code_idx_)).all())
-    assert int(sprt.details["morphs"].sum()) == 0 or bool((defense.theta_ >= 0).any())
+    test = defense.decide_sequential(x, SequentialConfig(mode="confidence", round_size=5))
+    assert len(test) == len(x)
+    assert bool((test.details["morphs"] <= 40 * len(defense.code_idx_)).all())
+    assert int(test.details["morphs"].sum()) == 0 or bool((defense.theta_ >= 0).any())

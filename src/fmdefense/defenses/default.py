@@ -30,17 +30,11 @@ from fmdefense.core.artifacts import load_tensors, read_config, save_artifact
 from fmdefense.core.config import check_choice, check_int, check_range, dataclass_kwargs
 from fmdefense.core.errors import ArtifactError, InputError
 from fmdefense.core.fingerprints import fingerprint
+from fmdefense.core.inference import inference_copy
 from fmdefense.defenses import fusion
 from fmdefense.defenses.base import Decision, Defense
 from fmdefense.defenses.rule import apply_rule
-from fmdefense.defenses.scores import (
-    SQUEEZERS,
-    VAEReadout,
-    autoencoder_scores,
-    combo_vae_scores,
-    margin_score,
-    squeeze_scores,
-)
+from fmdefense.defenses.scores import SQUEEZERS, Outputs, default_scores, network_outputs
 
 log = logging.getLogger(__name__)
 KIND = "default_defense"
@@ -117,35 +111,37 @@ class DefaultDefense(Defense):
 
     # ------------------------------------------------------------------ scores
 
-    def _forward(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, VAEReadout]:
-        """Every score (n,) of a batch, C(x)'s logits and the combo-VAE readout (one pass)."""
-        logits = self.classifier(x)
-        vae = combo_vae_scores(self.classifier, self.vae, x, logits)
-        out = dict(vae.scores)
-        out["margin"] = margin_score(logits)
-        if self.autoencoders is not None:
-            out |= autoencoder_scores(*self.autoencoders, x)
-        out |= squeeze_scores(self.classifier, x, logits, self.config.squeezers)
-        return out, logits, vae
+    def _forward(
+        self, x: torch.Tensor, *, serving: bool = False
+    ) -> tuple[dict[str, torch.Tensor], Outputs]:
+        """Every score (n,) of a batch and the network outputs it reads, one batched pass;
+        `serving`: through channels_last inference copies of the networks (no gradient)."""
+        clf, vae, aes = self.classifier, self.vae, self.autoencoders
+        if serving:
+            clf, vae = inference_copy(clf), inference_copy(vae)
+            aes = None if aes is None else (inference_copy(aes[0]), inference_copy(aes[1]))
+        out = network_outputs(clf, vae, aes, x, self.config.squeezers, self.config.batch_size)
+        return default_scores(x, out), out
 
     def raw_scores(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every score (n,) of a batch, differentiable (attacks call this under grad)."""
         return self._forward(x)[0]
 
-    @torch.no_grad()
     def _pass(self, x: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, ...]:
-        """Scores (n, k) in `names` order, C(x), C(x̂), DGMM's class and x̂, batched."""
+        """Scores (n, k) in `names` order, C(x), C(x̂), DGMM's class and x̂, batched, in
+        inference mode (the results are concatenated outside it: ordinary tensors)."""
         parts: list[list[torch.Tensor]] = [[], [], [], [], []]
         for i in range(0, len(x), self.config.batch_size):
             xb = x[i : i + self.config.batch_size].to(self.device)
-            s, logits, vae = self._forward(xb)
-            row = (
-                torch.stack([s[k].float() for k in names], 1),
-                logits.argmax(1),
-                vae.recon_label,
-                vae.dgmm_label,
-                vae.recon,
-            )
+            with torch.inference_mode():
+                s, out = self._forward(xb, serving=True)
+                row = (
+                    torch.stack([s[k].float() for k in names], 1),
+                    out.logits.argmax(1),
+                    out.recon_label,
+                    out.dgmm_label,
+                    out.recon["class_mean"].contiguous(),
+                )
             for part, t in zip(parts, row, strict=True):
                 part.append(t.cpu())
         return tuple(torch.cat(p) for p in parts)

@@ -9,6 +9,10 @@ straight through).
 - MagNet's autoencoders (Meng & Chen 2017): ‖x − AE_I(x)‖² and ‖x − AE_II(x)‖₁ per pixel;
 - feature squeezing (Xu et al., NDSS 2018): ‖softmax C(x) − softmax C(squeeze(x))‖₁ for a 1-bit
   depth reduction and a 2 × 2 median filter (their MNIST squeezers).
+
+`network_outputs` runs every network once per batch (the classifier once over x, both
+reconstructions and the squeezed images stacked); `default_scores` reads the defense's scores
+from those outputs, and the adaptive attack `default_joint` reads its own from the same outputs.
 """
 
 from __future__ import annotations
@@ -35,44 +39,17 @@ def margin_score(logits: torch.Tensor) -> torch.Tensor:
     return -(top[:, 0] - top[:, 1])
 
 
-@dataclass(frozen=True)
-class VAEReadout:
-    """What one encode and two decodes give: the scores, and the labels a purifier needs."""
-
-    scores: Scores
-    recon_label: torch.Tensor  # (n,) C(class-mean reconstruction): the purified label
-    dgmm_label: torch.Tensor  # (n,) DGMM's class
-    recon: torch.Tensor  # (n, C, H, W) the class-mean reconstruction
+def pixel_error(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """‖x − x̂‖² per image.  (n, C, H, W) twice -> (n,)"""
+    return (x - x_hat).pow(2).flatten(1).sum(1)
 
 
-def combo_vae_scores(
-    classifier: nn.Module, vae: Any, x: torch.Tensor, logits: torch.Tensor
-) -> VAEReadout:
-    """Pixel errors, reconstruction checks (both z_u readings) and DGMM's doubt about C(x)."""
-    label = logits.argmax(1)  # (n,)
-    z_s, z_u = vae.encode(x)
-    dgmm_logits = vae.dgmm.logits(z_u)  # (n, classes)
-    recon = {
-        "feature": vae.decode(z_s, z_u),  # (n, C, H, W)
-        "class_mean": vae.decode(z_s, vae.dgmm.means[dgmm_logits.argmax(1)]),
-    }
-    out: Scores = {}
-    recon_logits = {}
-    for mode, x_hat in recon.items():
-        out[f"pixel_error_{mode}"] = (x - x_hat).pow(2).flatten(1).sum(1)
-        recon_logits[mode] = classifier(x_hat)
-        out[f"recon_check_{mode}"] = 1 - _true_prob(recon_logits[mode], label)
-    out["dgmm_doubt"] = 1 - _true_prob(dgmm_logits, label)
-    return VAEReadout(
-        out, recon_logits["class_mean"].argmax(1), dgmm_logits.argmax(1), recon["class_mean"]
-    )
-
-
-def autoencoder_scores(ae_i: nn.Module, ae_ii: nn.Module, x: torch.Tensor) -> Scores:
-    """MagNet's two reconstruction errors (mean squared, mean absolute per pixel)."""
+def autoencoder_errors(x: torch.Tensor, ae_i_x: torch.Tensor, ae_ii_x: torch.Tensor) -> Scores:
+    """MagNet's two reconstruction errors (mean squared, mean absolute per pixel) of x from
+    AE_I(x) and AE_II(x)."""
     return {
-        "magnet_ae_i": (ae_i(x) - x).pow(2).flatten(1).mean(1),
-        "magnet_ae_ii": (ae_ii(x) - x).abs().flatten(1).mean(1),
+        "magnet_ae_i": (ae_i_x - x).pow(2).flatten(1).mean(1),
+        "magnet_ae_ii": (ae_ii_x - x).abs().flatten(1).mean(1),
     }
 
 
@@ -99,12 +76,72 @@ SQUEEZERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def squeeze_scores(
-    classifier: nn.Module, x: torch.Tensor, logits: torch.Tensor, squeezers: tuple[str, ...]
-) -> Scores:
-    """L1 distance of the softmax before and after each squeezer."""
-    p = logits.softmax(1)
-    return {
-        f"squeeze_{name}": (classifier(SQUEEZERS[name](x)).softmax(1) - p).abs().sum(1)
-        for name in squeezers
-    }
+@dataclass(frozen=True)
+class Outputs:
+    """Every network output the scores read, from one batched pass over n inputs."""
+
+    logits: torch.Tensor  # (n, K) C(x)
+    dgmm_logits: torch.Tensor  # (n, classes) DGMM's class log-posteriors
+    recon: dict[str, torch.Tensor]  # "feature" | "class_mean" -> (n, C, H, W)
+    recon_logits: dict[str, torch.Tensor]  # the same keys -> (n, K) C(x̂)
+    squeezed_logits: dict[str, torch.Tensor]  # squeezer name -> (n, K) C(squeeze(x))
+    autoencoded: tuple[torch.Tensor, torch.Tensor] | None  # AE_I(x), AE_II(x): (n, C, H, W)
+
+    @property
+    def recon_label(self) -> torch.Tensor:
+        """C(class-mean reconstruction) (n,): the purified label."""
+        return self.recon_logits["class_mean"].argmax(1)
+
+    @property
+    def dgmm_label(self) -> torch.Tensor:
+        """DGMM's class (n,)."""
+        return self.dgmm_logits.argmax(1)
+
+
+def network_outputs(
+    classifier: nn.Module,
+    vae: Any,
+    autoencoders: tuple[nn.Module, nn.Module] | None,
+    x: torch.Tensor,
+    squeezers: tuple[str, ...],
+    chunk: int = 256,
+) -> Outputs:
+    """One encode, one decode of both z_u readings, and the classifier once over x, both
+    reconstructions and every squeezed x stacked (in batches of `chunk`: larger ones run slower
+    per image on a CPU).  x: (n, C, H, W)."""
+    n = len(x)
+    z_s, z_u = vae.encode(x)
+    dgmm_logits = vae.dgmm.logits(z_u)  # (n, classes)
+    class_mean = vae.dgmm.means[dgmm_logits.argmax(1)]  # (n, K)
+    recon = vae.decode(torch.cat([z_s, z_s]), torch.cat([z_u, class_mean]))  # (2n, C, H, W)
+    stacked = torch.cat([x, recon, *(SQUEEZERS[name](x) for name in squeezers)])
+    logits = torch.cat([classifier(b) for b in stacked.split(chunk)]).split(n)  # (n, K) each
+    modes = ("feature", "class_mean")
+    autoencoded = None if autoencoders is None else (autoencoders[0](x), autoencoders[1](x))
+    return Outputs(
+        logits=logits[0],
+        dgmm_logits=dgmm_logits,
+        recon=dict(zip(modes, recon.split(n), strict=True)),
+        recon_logits=dict(zip(modes, logits[1:3], strict=True)),
+        squeezed_logits=dict(zip(squeezers, logits[3:], strict=True)),
+        autoencoded=autoencoded,
+    )
+
+
+def default_scores(x: torch.Tensor, out: Outputs) -> Scores:
+    """Every score (n,) of the default defense, read at the label C(x), in its fixed order:
+    pixel error and reconstruction check per z_u reading, DGMM's doubt, the margin, MagNet's
+    errors, then one L1 softmax distance per squeezer."""
+    label = out.logits.argmax(1)  # (n,)
+    s: Scores = {}
+    for mode, x_hat in out.recon.items():
+        s[f"pixel_error_{mode}"] = pixel_error(x, x_hat)
+        s[f"recon_check_{mode}"] = 1 - _true_prob(out.recon_logits[mode], label)
+    s["dgmm_doubt"] = 1 - _true_prob(out.dgmm_logits, label)
+    s["margin"] = margin_score(out.logits)
+    if out.autoencoded is not None:
+        s |= autoencoder_errors(x, *out.autoencoded)
+    p = out.logits.softmax(1)
+    for name, squeezed in out.squeezed_logits.items():
+        s[f"squeeze_{name}"] = (squeezed.softmax(1) - p).abs().sum(1)
+    return s

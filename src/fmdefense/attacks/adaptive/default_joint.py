@@ -58,7 +58,7 @@ from fmdefense.attacks.adaptive.stealth import StealthPGD
 from fmdefense.core.config import check_choice, check_range
 from fmdefense.defenses.base import Defense
 from fmdefense.defenses.default import DefaultDefense
-from fmdefense.defenses.scores import SQUEEZERS, autoencoder_scores
+from fmdefense.defenses.scores import autoencoder_errors, network_outputs, pixel_error
 
 log = logging.getLogger(__name__)
 HINGES = ("log", "linear")
@@ -179,31 +179,30 @@ class DefaultJointPGD(StealthPGD):
         """g_k(s̃_k) (n, k) in the defense's `names_` order, read at the attack's label t;
         C(x′)'s logits (n, K); C(class-mean reconstruction)'s logits (n, K).
 
-        The same networks, in the same composition, as `defenses.scores` (a test holds them
-        equal to the defense's `raw_scores` wherever C(x′) ≠ y)."""
-        d, clf = self.default, self.classifier
-        logits = clf(x_adv)  # (n, K)
-        t = best_wrong_class(logits, y)  # (n,) = C(x′) once C(x′) ≠ y
-        z_s, z_u = d.vae.encode(x_adv)
-        dgmm_logits = d.vae.dgmm.logits(z_u)  # (n, classes)
-        recon = {
-            "feature": d.vae.decode(z_s, z_u),  # (n, C, H, W)
-            "class_mean": d.vae.decode(z_s, d.vae.dgmm.means[dgmm_logits.argmax(1)]),
-        }
+        The same network outputs as the defense's (`defenses.scores.network_outputs`), read at
+        t (a test holds them equal to the defense's `raw_scores` wherever C(x′) ≠ y)."""
+        d = self.default
+        out = network_outputs(
+            self.classifier,
+            d.vae,
+            d.autoencoders,
+            x_adv,
+            d.config.squeezers,
+            d.config.batch_size,
+        )
+        t = best_wrong_class(out.logits, y)  # (n,) = C(x′) once C(x′) ≠ y
         s: dict[str, torch.Tensor] = {}
-        recon_logits = {}
-        for mode, x_hat in recon.items():
-            s[f"pixel_error_{mode}"] = (x_adv - x_hat).pow(2).flatten(1).sum(1)
-            recon_logits[mode] = clf(x_hat)
-            s[f"recon_check_{mode}"] = nll(recon_logits[mode], t)
-        s["dgmm_doubt"] = nll(dgmm_logits, t)
-        s["margin"] = -margin(logits, t, math.inf)  # −(Z_t − max_{j≠t} Z_j)
-        if d.autoencoders is not None:
-            s |= autoencoder_scores(*d.autoencoders, x_adv)
-        for name in d.config.squeezers:
-            s[f"squeeze_{name}"] = overlap_nll(logits, clf(SQUEEZERS[name](x_adv)))
+        for mode, x_hat in out.recon.items():
+            s[f"pixel_error_{mode}"] = pixel_error(x_adv, x_hat)
+            s[f"recon_check_{mode}"] = nll(out.recon_logits[mode], t)
+        s["dgmm_doubt"] = nll(out.dgmm_logits, t)
+        s["margin"] = -margin(out.logits, t, math.inf)  # −(Z_t − max_{j≠t} Z_j)
+        if out.autoencoded is not None:
+            s |= autoencoder_errors(x_adv, *out.autoencoded)
+        for name, squeezed in out.squeezed_logits.items():
+            s[f"squeeze_{name}"] = overlap_nll(out.logits, squeezed)
         linked = torch.stack([s[k].float() for k in d.names_], 1)
-        return linked, logits, recon_logits["class_mean"]
+        return linked, out.logits, out.recon_logits["class_mean"]
 
     def ratios(self, linked: torch.Tensor) -> torch.Tensor:
         """1 + (g(s̃) − g(t)) / (g(t) − g(median)) per score (n, k): ≤ 1 exactly where s̃ ≤ t."""

@@ -206,8 +206,8 @@ class FMDefense(Defense):
     def decide_sequential(
         self, x: torch.Tensor, config: SequentialConfig | None = None
     ) -> Decision:
-        """`decide` with early stopping of the morphs (exact: identical actions; sprt: at its
-        error rate). details: resistance estimates and the morphs decoded per input."""
+        """`decide` with early stopping of the morphs (exact: identical actions; confidence: at
+        its error rates). details: resistance estimates and the morphs decoded per input."""
         self._require_fit()
         x = self._check(x)
         cfg = config or SequentialConfig()
