@@ -23,6 +23,7 @@ from fmdefense.training.vae import (
     VAETrainConfig,
     consistency_loss,
     kl_term,
+    train_dgmm,
     train_stage2,
     traversal_label_stability,
     vae_step,
@@ -286,3 +287,27 @@ def test_shipped_combo_vae_meets_its_targets(dataset: str) -> None:
     assert min(on_recon.values()) >= recon_target
     if dgmm_target is not None:
         assert got["dgmm_test_accuracy"] >= dgmm_target
+
+
+def test_stage1_resumes_across_a_stage2_change_and_only_then(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DGMM's finished epochs are kept when only a setting stage 1 never reads changes (here
+    the consistency weight); a stage-1 setting (its learning rate) retrains it."""
+    from fmdefense.training.vae import STAGE2_FIELDS, stage_key
+
+    assert set(STAGE2_FIELDS) < {f.name for f in dataclasses.fields(VAETrainConfig)}
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 1, 28, 28), torch.arange(8) % 10
+    cfg = VAETrainConfig(epochs_dgmm=1, batch_size=4)
+    cpu = torch.device("cpu")
+    first = train_dgmm(ComboVAE(DATASET_VAES["mnist"]), x, y, cfg, tmp_path, cpu)
+    same = dataclasses.replace(cfg, w_consistency=5.0, epochs_vae=3)
+    assert stage_key(dataclasses.asdict(same), 1) == stage_key(dataclasses.asdict(cfg), 1)
+    with caplog.at_level("INFO", logger="fmdefense.training.vae"):
+        assert train_dgmm(ComboVAE(DATASET_VAES["mnist"]), x, y, same, tmp_path, cpu) == first
+        assert "resuming" in caplog.text
+        caplog.clear()
+        other = dataclasses.replace(cfg, lr_dgmm=5e-4)
+        train_dgmm(ComboVAE(DATASET_VAES["mnist"]), x, y, other, tmp_path, cpu)
+        assert "resuming" not in caplog.text and "DGMM epoch 1" in caplog.text

@@ -72,9 +72,33 @@ def _batches(n: int, size: int, gen: torch.Generator) -> list[torch.Tensor]:
     return [perm[i : i + size] for i in range(0, n, size)]
 
 
-def _resume(folder: Path, cfg: VAETrainConfig, modules: dict[str, Any]) -> tuple[int, list]:
+# Settings stage 1 (DGMM alone) never reads: changing them keeps its finished epochs.
+STAGE2_FIELDS = frozenset(
+    {
+        "epochs_vae",
+        "lr_vae",
+        "lr_tc",
+        "gamma",
+        "gamma_warmup_epochs",
+        "kl_warmup_epochs",
+        "free_bits",
+        "w_consistency",
+    }
+)
+
+
+def stage_key(config: dict[str, Any], stage: int) -> dict[str, Any]:
+    """The training settings a stage's resume state must match: all of them for stage 2
+    (it trains on stage 1's DGMM), those stage 1 reads for stage 1."""
+    return {k: v for k, v in config.items() if stage == 2 or k not in STAGE2_FIELDS}
+
+
+def _resume(
+    folder: Path, cfg: VAETrainConfig, modules: dict[str, Any], stage: int
+) -> tuple[int, list]:
     state = load_resume_state(folder)
-    if state is None or state.get("train_config") != asdict(cfg):
+    saved = state.get("train_config") if state is not None else None
+    if not isinstance(saved, dict) or stage_key(saved, stage) != stage_key(asdict(cfg), stage):
         return 0, []
     for name, module in modules.items():
         module.load_state_dict(state[name])
@@ -107,7 +131,7 @@ def train_dgmm(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs_dgmm, 1))
     gen = torch.Generator().manual_seed(cfg.seed)
     modules = {"dgmm": dgmm, "opt": opt, "sched": sched, "gen": GeneratorState(gen)}
-    start, history = _resume(folder, cfg, modules)
+    start, history = _resume(folder, cfg, modules, stage=1)
     for epoch in range(start, cfg.epochs_dgmm):
         dgmm.train()
         t0, sums, n = time.perf_counter(), [0.0, 0.0, 0.0], 0
@@ -268,7 +292,7 @@ def train_stage2(
     }
     if disc is not None and opt_tc is not None:
         modules |= {"disc": disc, "opt_tc": opt_tc}
-    start, history = _resume(folder, cfg, modules)
+    start, history = _resume(folder, cfg, modules, stage=2)
     for epoch in range(start, cfg.epochs_vae):
         vae.encoder.train()
         vae.decoder.train()
