@@ -97,7 +97,9 @@ def _resume(
     folder: Path, cfg: VAETrainConfig, modules: dict[str, Any], stage: int
 ) -> tuple[int, list]:
     state = load_resume_state(folder)
-    saved = state.get("train_config") if state is not None else None
+    if state is None:
+        return 0, []
+    saved = state.get("train_config")
     if not isinstance(saved, dict) or stage_key(saved, stage) != stage_key(asdict(cfg), stage):
         return 0, []
     for name, module in modules.items():
