@@ -311,3 +311,27 @@ def test_stage1_resumes_across_a_stage2_change_and_only_then(
         other = dataclasses.replace(cfg, lr_dgmm=5e-4)
         train_dgmm(ComboVAE(DATASET_VAES["mnist"]), x, y, other, tmp_path, cpu)
         assert "resuming" not in caplog.text and "DGMM epoch 1" in caplog.text
+
+
+def test_more_stage2_epochs_continue_a_shorter_run_exactly(tmp_path: Path) -> None:
+    """Raising epochs_vae resumes stage 2 (no schedule depends on its length): 1 then 2 epochs
+    give the weights of 2 from scratch; a shorter request than what is saved starts over."""
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    cpu = torch.device("cpu")
+
+    def run(folder: Path, epochs: int) -> tuple[ComboVAE, list]:
+        torch.manual_seed(0)
+        vae = ComboVAE(DATASET_VAES["mnist"])
+        cfg = VAETrainConfig(epochs_vae=epochs, batch_size=4, gamma=0.0, kl_warmup_epochs=2)
+        return vae, train_stage2(vae, x, cfg, folder, cpu)
+
+    straight, h_straight = run(tmp_path / "a", 2)
+    run(tmp_path / "b", 1)
+    continued, h_continued = run(tmp_path / "b", 2)
+    assert [r["l_r"] for r in h_continued] == [r["l_r"] for r in h_straight]
+    for (name, a), (_, b) in zip(
+        straight.state_dict().items(), continued.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    _, shorter = run(tmp_path / "b", 1)
+    assert len(shorter) == 1 and shorter[0]["l_r"] == h_straight[0]["l_r"]

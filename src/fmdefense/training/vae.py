@@ -88,9 +88,12 @@ STAGE2_FIELDS = frozenset(
 
 
 def stage_key(config: dict[str, Any], stage: int) -> dict[str, Any]:
-    """The training settings a stage's resume state must match: all of them for stage 2
-    (it trains on stage 1's DGMM), those stage 1 reads for stage 1."""
-    return {k: v for k, v in config.items() if stage == 2 or k not in STAGE2_FIELDS}
+    """The training settings a stage's resume state must match: those stage 1 reads for
+    stage 1; for stage 2 (trained on stage 1's DGMM) all but `epochs_vae`: no schedule of
+    stage 2 depends on its length, so a run with more epochs continues a shorter one exactly
+    (its first epochs are the shorter run's)."""
+    drop = STAGE2_FIELDS if stage == 1 else {"epochs_vae"}
+    return {k: v for k, v in config.items() if k not in drop}
 
 
 def _resume(
@@ -102,7 +105,12 @@ def _resume(
     saved = state.get("train_config")
     if not isinstance(saved, dict) or stage_key(saved, stage) != stage_key(asdict(cfg), stage):
         return 0, []
+    if stage == 2 and int(state["epoch"]) > cfg.epochs_vae:  # a longer run: cannot shorten it
+        return 0, []
     for name, module in modules.items():
+        if name == "torch_rng" and name not in state:  # saved before it was kept
+            log.warning("%s: no saved global RNG state; the resumed noise differs", folder.name)
+            continue
         module.load_state_dict(state[name])
     log.info("resuming %s from epoch %d", folder.name, state["epoch"])
     return int(state["epoch"]), list(state["history"])
@@ -291,6 +299,9 @@ def train_stage2(
         "decoder": vae.decoder,
         "opt_vae": opt_vae,
         "gen": GeneratorState(gen),
+        # the reparameterisation noise comes from the global generator: kept, so a resumed
+        # run draws what an uninterrupted one would
+        "torch_rng": GeneratorState(torch.default_generator),
     }
     if disc is not None and opt_tc is not None:
         modules |= {"disc": disc, "opt_tc": opt_tc}
