@@ -13,7 +13,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,art]'
+	$(PY) -m pip install --quiet -e '.[dev,art,ray]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -49,18 +49,12 @@ bench: data
 	$(PY) benchmarks/defense_cost.py
 	$(PY) benchmarks/serving.py
 
-# Build the wheel, install it into a fresh venv outside the repo, run the installed CLI there.
-# An installed fmdefense finds the shipped weights through $FMDEFENSE_WEIGHTS (they are not
-# package data) and its data through $FMDEFENSE_DATA.
-WHEEL_CHECK ?= /tmp/fmdefense-wheel-check
-wheel-check: data
-	rm -rf $(WHEEL_CHECK)
-	$(PY) -m build --wheel --outdir $(WHEEL_CHECK)/dist .
-	$(PYTHON) -m venv $(WHEEL_CHECK)/venv
-	$(WHEEL_CHECK)/venv/bin/pip install --quiet $(WHEEL_CHECK)/dist/fmdefense-*.whl
-	cd $(WHEEL_CHECK) && $(WHEEL_CHECK)/venv/bin/fmdefense --help
-	cd $(WHEEL_CHECK) && FMDEFENSE_WEIGHTS=$(CURDIR)/weights FMDEFENSE_DATA=$(CURDIR)/data \
-	  $(WHEEL_CHECK)/venv/bin/fmdefense evaluate classifier --dataset mnist --device cpu
+# Build the wheel, install it into a fresh venv outside the repo, run the installed CLI and
+# fmdefense.pretrained("mnist") there (tests/test_wheel.py; `make test` runs it too). An
+# installed fmdefense finds the shipped weights through $FMDEFENSE_WEIGHTS (they are not
+# package data) or ./weights.
+wheel-check: setup
+	$(VENV)/bin/pytest tests/test_wheel.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -118,3 +118,23 @@ def test_the_committed_magnet_artifact_loads_with_its_tensor_names(tmp_path: Pat
     assert magnet.decide(blank).label.shape == (3,)
     with pytest.raises(InputError, match="no other models"):
         MagNet.load(folder, clf, vae=object())
+
+
+def test_the_reconstruction_check_baseline_is_stored_and_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fmdefense.attacks.runner import AdversarialSet
+    from fmdefense.evaluation import baselines
+
+    clf, vae = ToyClassifier(), ToyVAE()
+    x_val, x = images([0.1, 0.3, 0.6, 0.8, 0.2, 0.7]), images([0.45, 0.9, 0.2])
+    y = torch.tensor([0, 1, 0])
+    flat = torch.zeros(3)
+    adv = AdversarialSet(x, torch.arange(3), y, y, y, flat.bool(), flat, flat, flat.bool(), {}, {})
+    first = baselines.recon_baseline(tmp_path, clf, vae, x_val, x, y, {"a": adv})
+    monkeypatch.setattr(baselines, "recon_rows", lambda *a: pytest.fail("recomputed"))
+    again = baselines.recon_baseline(tmp_path, clf, vae, x_val, x, y, {"a": adv})
+    assert again[0] == first[0]
+    assert all(torch.equal(again[1][k], first[1][k]) for k in first[1])
+    with pytest.raises(BaseException, match="recomputed"):  # another set: computed afresh
+        baselines.recon_baseline(tmp_path, clf, vae, x_val, x.flip(0), y, {"a": adv})

@@ -13,8 +13,9 @@ import logging
 import sys
 from collections.abc import Callable
 
-from fmdefense.cli.common import ERROR_PREFIX, Parser
+from fmdefense.cli.common import ERROR_PREFIX, Parser, executor_of
 from fmdefense.core.errors import FMDefenseError
+from fmdefense.core.executor import using_executor
 
 log = logging.getLogger("fmdefense")
 DESCRIPTION = "FM-Defense: detect, purify or reject adversarial examples (and its baselines)."
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose)
     func: Callable[[argparse.Namespace], None] = args.func
     try:
-        func(args)
+        with using_executor(executor_of(args)):  # where long stages' chunks run (--executor)
+            func(args)
     except FMDefenseError as exc:
         print(f"{ERROR_PREFIX} {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fmdefense.attacks.adaptive.registry import ADAPTIVE_ATTACKS, DEFAULT_ATTACK
-from fmdefense.cli.common import add_common, positive_int, probability
+from fmdefense.cli.common import add_common, add_executor, positive_int, probability
 
 DATASETS = ("mnist", "fmnist")
 DEFAULT_EPS = (0.05, 0.1, 0.2, 0.3)
@@ -146,4 +146,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--classifier", type=Path, default=None, help="classifier artifact folder")
     p.add_argument("--vae", type=Path, default=None, help="combo-VAE artifact folder (fm)")
     add_common(p)
+    add_executor(p)
     p.set_defaults(func=run_command)

@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from fmdefense.attacks.library import ATTACKS, SETTING_NAMES
-from fmdefense.cli.common import MODEL_DATASETS, add_common, positive_int
+from fmdefense.cli.common import MODEL_DATASETS, add_common, add_executor, positive_int
 
 
 def run_command(args: argparse.Namespace) -> None:
@@ -58,4 +58,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="artifact (runs/D/attacks/NAME)")
     p.add_argument("--classifier", type=Path, default=None, help="classifier artifact folder")
     add_common(p)
+    add_executor(p)
     p.set_defaults(func=run_command)

@@ -10,7 +10,10 @@ import argparse
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from fmdefense.core.executor import Executor
 
 DATASETS = ("mnist", "fmnist", "orl", "celeba")
 MODEL_DATASETS = ("mnist", "fmnist", "orl")  # datasets with shipped classifier and combo-VAE
@@ -122,6 +125,33 @@ def add_common(p: argparse.ArgumentParser, *, device: bool = True) -> None:
     add_data_dir(p)
     if device:
         add_device(p)
+
+
+def add_executor(p: argparse.ArgumentParser) -> None:
+    """--executor serial|ray and --ray-address: where the resumable chunks of long stages run."""
+    p.add_argument(
+        "--executor",
+        choices=("serial", "ray"),
+        default="serial",
+        help="run the chunks of long stages here (serial) or as Ray tasks (ray; needs "
+        "fmdefense[ray]); finished chunks are saved either way, and a rerun resumes",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="with --executor ray: a running cluster (HOST:PORT as `ray start --head` printed, "
+        "or auto for one on this machine); default: start a local Ray on this machine",
+    )
+
+
+def executor_of(args: argparse.Namespace) -> Executor:
+    """The executor a command asked for (serial for commands without --executor)."""
+    from fmdefense.core.executor import make_executor
+
+    return make_executor(
+        getattr(args, "executor", "serial"), address=getattr(args, "ray_address", None)
+    )
 
 
 def add_classifier_spec(p: argparse.ArgumentParser) -> None:

@@ -17,6 +17,7 @@ from fmdefense.cli.common import (
     MODEL_DATASETS,
     add_classifier_spec,
     add_common,
+    add_executor,
     codes,
     default_out,
     open_probability,
@@ -30,11 +31,11 @@ from fmdefense.core.precision import PRECISIONS
 from fmdefense.defenses.default import PURIFY_POLICIES, DefaultConfig
 from fmdefense.defenses.fm.config import FMDefenseConfig
 from fmdefense.defenses.fm.thresholds import THRESHOLD_MODES
-from fmdefense.defenses.fusion import COMBINERS
+from fmdefense.defenses.fusion import COMBINERS, TAILS
 
 # Options of one defense kind only (None when not given), with their config defaults
 FM_OPTIONS = ("codes", "n_morphs", "rho", "threshold_mode", "precision")
-DEFAULT_OPTIONS = ("alpha", "combine", "purify", "magnet", "no_magnet")
+DEFAULT_OPTIONS = ("alpha", "combine", "tails", "purify", "magnet", "no_magnet")
 
 
 def _classifier(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
@@ -62,7 +63,7 @@ def _fm_config(args: argparse.Namespace) -> FMDefenseConfig:
 
 
 def _default_config(args: argparse.Namespace) -> DefaultConfig:
-    given = _given(args, ("alpha", "combine", "purify"))
+    given = _given(args, ("alpha", "combine", "tails", "purify"))
     return DefaultConfig(**given, **({"eta": args.eta} if args.eta is not None else {}))
 
 
@@ -215,11 +216,13 @@ def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
     fm.add_argument("--precision", choices=PRECISIONS, default=None)
     de = p.add_argument_group("default defense (--defense-kind default)")
     de.add_argument("--alpha", type=open_probability, default=None, help="VAL FPR (0.01)")
-    de.add_argument("--combine", choices=COMBINERS, default=None, help="p-value fusion (fisher)")
+    de.add_argument("--combine", choices=COMBINERS, default=None, help="fusion (harmonic)")
+    de.add_argument("--tails", choices=TAILS, default=None, help="p-value tails (exponential)")
     de.add_argument("--purify", choices=PURIFY_POLICIES, default=None, help="policy (reject)")
     de.add_argument("--magnet", type=Path, default=None, help="MagNet folder (weights/D/magnet)")
     de.add_argument("--no-magnet", action="store_true", help="fuse no autoencoder scores")
     add_common(p)
+    add_executor(p)
     p.set_defaults(func=calibrate_command)
 
 
@@ -251,6 +254,7 @@ def _defend_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vae", type=Path, default=None, help="combo-VAE folder (shipped weights)")
     add_classifier_spec(p)
     add_common(p)
+    add_executor(p)
     p.set_defaults(func=defend_command)
 
 

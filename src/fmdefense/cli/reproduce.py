@@ -10,6 +10,7 @@ from fmdefense.cli.common import (
     DATASETS,
     add_data_dir,
     add_device,
+    add_executor,
     default_out,
     non_negative_int,
     positive_int,
@@ -47,7 +48,7 @@ def _defenses(parts: list[str]) -> tuple[str, ...]:
 
 def _profile_overrides(args: argparse.Namespace) -> dict[str, int]:
     """Profile fields changed on the command line (stated in the run's profile.json)."""
-    given = {"adaptive_limit": args.adaptive_limit, "n_cle": args.n_cle}
+    given = {"adaptive_limit": args.adaptive_limit, "n_cle": args.n_cle, "fm_limit": args.fm_limit}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -141,6 +142,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="evaluate on the first N CLE images (default: the profile's; paper: all 5,000); "
         "use a fresh --out, and N ≥ --adaptive-limit",
     )
+    p.add_argument(
+        "--fm-limit",
+        type=positive_int,
+        default=None,
+        help="FM-Defense's morphs on only the first N images of every set, CLE included "
+        "(its 2,000 morphs per input dominate the run); every other defense sees whole sets",
+    )
     add_data_dir(p)
     add_device(p)
+    add_executor(p)
     p.set_defaults(func=run_command)

@@ -1,7 +1,9 @@
 """Resumable chunked computation: each finished chunk is saved, a re-run skips it.
 
 Long jobs (VAL resistance, defending 5,000 inputs, attacks) go through `chunked`, so a killed
-run keeps every finished chunk and continues where it stopped.
+run keeps every finished chunk and continues where it stopped. The chunks still to do run on
+the command's executor (`core.executor`: serial here, or Ray tasks), and each is saved here
+as soon as it arrives.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from fmdefense.core.artifacts import load_tensors, read_json, save_tensors, write_json
 from fmdefense.core.config import check_int
 from fmdefense.core.errors import ArtifactError
-from fmdefense.core.progress import progress
+from fmdefense.core.executor import SerialExecutor, current_executor
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -52,28 +54,42 @@ def chunked(
     starts = list(range(0, n, chunk_size))
     if folder is not None:
         _check_manifest(Path(folder), {"config": config_hash(config), "n": n, "chunk": chunk_size})
-    parts: list[dict[str, torch.Tensor]] = []
-    done = 0
-    for start in progress(starts, desc=desc, unit="chunk"):
+    parts: dict[int, dict[str, torch.Tensor]] = {}
+    todo: list[tuple[int, int]] = []
+    for start in starts:
         stop = min(start + chunk_size, n)
-        path = Path(folder) / f"chunk-{start:07d}.safetensors" if folder is not None else None
-        if path is not None and path.is_file():
-            saved = load_tensors(path, fix=f"delete {path} to recompute that chunk")
-            fixed = upgrade(start, stop, saved) if upgrade is not None else None
-            if fixed is not None:
-                save_tensors(path, fixed)
-            parts.append(fixed if fixed is not None else saved)
-            done += 1
+        path = _chunk_path(folder, start)
+        if path is None or not path.is_file():
+            todo.append((start, stop))
             continue
-        out = compute(start, stop)
-        if path is not None:
+        saved = load_tensors(path, fix=f"delete {path} to recompute that chunk")
+        fixed = upgrade(start, stop, saved) if upgrade is not None else None
+        if fixed is not None:
+            save_tensors(path, fixed)
+        parts[start] = fixed if fixed is not None else saved
+    if len(todo) < len(starts):
+        log.info(
+            "%s: reused %d of %d finished chunks from %s", desc, len(parts), len(starts), folder
+        )
+
+    def finished(i: int, out: dict[str, torch.Tensor]) -> None:
+        start = todo[i][0]
+        path = _chunk_path(folder, start)
+        if path is not None:  # saved the moment it arrives: a later failure cannot lose it
             save_tensors(path, out)
-        parts.append(out)
-    if done:
-        log.info("%s: reused %d of %d finished chunks from %s", desc, done, len(starts), folder)
+        parts[start] = out
+
+    # Resumable stages (with a folder) run on the command's executor; others stay here.
+    executor = current_executor() if folder is not None else SerialExecutor()
+    executor.map(compute, todo, finished, desc=desc, unit="chunk")
     if not parts:
         return {}
-    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+    ordered = [parts[start] for start in starts]
+    return {key: torch.cat([p[key] for p in ordered]) for key in ordered[0]}
+
+
+def _chunk_path(folder: Path | None, start: int) -> Path | None:
+    return Path(folder) / f"chunk-{start:07d}.safetensors" if folder is not None else None
 
 
 def _check_manifest(folder: Path, manifest: dict[str, Any]) -> None:

@@ -1,26 +1,62 @@
-"""Where fmdefense keeps downloads, caches, shipped weights and run outputs."""
+"""Where fmdefense keeps downloads, caches, shipped weights and run outputs.
+
+In a source checkout everything defaults to folders of the repository (`<repo>/data`,
+`<repo>/weights`, `<repo>/runs`). An installed wheel does not carry the 24 MB of weights: it
+finds them through `$FMDEFENSE_WEIGHTS` (the repository's `weights/` folder, or a copy of it),
+else in `./weights` of the working directory; its data cache defaults to
+`$XDG_CACHE_HOME/fmdefense` (`~/.cache/fmdefense`) and its runs to `./runs`.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+from fmdefense.core.errors import ArtifactError
+
+REPO_ROOT = Path(__file__).resolve().parents[3]  # the checkout, when running from one
+WEIGHTS_VARIABLE = "FMDEFENSE_WEIGHTS"
+
+
+def in_checkout() -> bool:
+    """Whether this package is imported from a source checkout (src/ layout beside pyproject)."""
+    return (REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / "src" / "fmdefense").is_dir()
 
 
 def data_home() -> Path:
-    """Root for downloaded sources and decoded caches (`$FMDEFENSE_DATA`, default `<repo>/data`)."""
-    return Path(os.environ.get("FMDEFENSE_DATA", REPO_ROOT / "data"))
+    """Root for downloaded sources and decoded caches: `$FMDEFENSE_DATA`, else `<repo>/data` in
+    a checkout, else `$XDG_CACHE_HOME/fmdefense` (default `~/.cache/fmdefense`)."""
+    if "FMDEFENSE_DATA" in os.environ:
+        return Path(os.environ["FMDEFENSE_DATA"])
+    if in_checkout():
+        return REPO_ROOT / "data"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "fmdefense"
 
 
 def weights_home() -> Path:
-    """Root of the shipped weights (`$FMDEFENSE_WEIGHTS`, default `<repo>/weights`)."""
-    return Path(os.environ.get("FMDEFENSE_WEIGHTS", REPO_ROOT / "weights"))
+    """Root of the shipped weights: `$FMDEFENSE_WEIGHTS`, else `<repo>/weights` in a checkout,
+    else `./weights`; an ArtifactError naming the variable when none of them exists."""
+    if WEIGHTS_VARIABLE in os.environ:
+        return Path(os.environ[WEIGHTS_VARIABLE])
+    candidates = [REPO_ROOT / "weights"] if in_checkout() else []
+    candidates.append(Path.cwd() / "weights")
+    for folder in candidates:
+        if folder.is_dir():
+            return folder
+    raise ArtifactError(
+        f"the shipped weights were not found (looked in {', '.join(map(str, candidates))}); "
+        f"set {WEIGHTS_VARIABLE} to the fmdefense repository's weights/ folder "
+        f"(for example {WEIGHTS_VARIABLE}=/path/to/fmdefense/weights), or run from the "
+        "folder that holds weights/"
+    )
 
 
 def runs_home() -> Path:
-    """Root for run outputs: attacks, reports (`$FMDEFENSE_RUNS`, default `<repo>/runs`)."""
-    return Path(os.environ.get("FMDEFENSE_RUNS", REPO_ROOT / "runs"))
+    """Root for run outputs: `$FMDEFENSE_RUNS`, else `<repo>/runs` in a checkout, else ./runs."""
+    if "FMDEFENSE_RUNS" in os.environ:
+        return Path(os.environ["FMDEFENSE_RUNS"])
+    return REPO_ROOT / "runs" if in_checkout() else Path("runs")
 
 
 def classifier_dir(dataset: str, weights: Path | None = None) -> Path:

@@ -7,11 +7,12 @@ Scores (`fmdefense.defenses.scores`): the combo-VAE's pixel errors, reconstructi
 DGMM's doubt, the classifier's margin, MagNet's two autoencoder errors and two feature squeezers.
 Which scores are used is fixed by a principle stated before any attack was run on the reported
 sets: all of them (`scores=None`); subsets exist for the ablation only. Calibration: VAL is split
-in half with a seed; one half is each score's clean reference (empirical p-values), the other
-sets the threshold of the combined statistic at α. Purification policies: "reject" (flagged
-inputs are rejected), "paper" (the paper's η rule on the statistic: the η-fractile of flagged VAL
-statistics bounds what is purified), "consistent" (purify only if DGMM's class equals the label
-of the class-mean reconstruction and the reconstruction itself passes the detector).
+in half with a seed; one half is each score's clean reference (p-values: empirical inside the
+clean range, an exponential tail beyond it, `fusion`), the other sets the threshold of the
+combined statistic at α. Purification policies: "reject" (flagged inputs are rejected), "paper"
+(the paper's η rule on the statistic: the η-fractile of flagged VAL statistics bounds what is
+purified), "consistent" (purify only if DGMM's class equals the label of the class-mean
+reconstruction and the reconstruction itself passes the detector).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ class DefaultConfig:
     """Operating point and what is fused; α is the clean false-positive rate targeted on VAL."""
 
     alpha: float = 0.01
-    combine: str = "fisher"  # fisher | min_p
+    combine: str = "harmonic"  # fisher | min_p | harmonic (fusion.COMBINERS)
+    tails: str = "exponential"  # empirical | exponential p-values beyond the clean range
     purify: str = "reject"  # reject | paper | consistent
     eta: float = 0.9  # "paper" policy: η-fractile of the flagged VAL statistics
     squeezers: tuple[str, ...] = ("bits1", "median2")
@@ -62,6 +64,7 @@ class DefaultConfig:
     def __post_init__(self) -> None:
         check_range("alpha", self.alpha, 0.0, 1.0, low_open=True, high_open=True)
         check_choice("combine", self.combine, fusion.COMBINERS)
+        check_choice("tails", self.tails, fusion.TAILS)
         check_choice("purify", self.purify, PURIFY_POLICIES)
         check_range("eta", self.eta, 0.0, 1.0)
         for name in self.squeezers:
@@ -73,6 +76,8 @@ class DefaultConfig:
 
     @classmethod
     def from_dict(cls, raw: object) -> DefaultConfig:
+        if isinstance(raw, dict) and "tails" not in raw:  # saved before tails existed
+            raw = {**raw, "tails": "empirical"}
         d = dataclass_kwargs(cls, raw, "DefaultConfig")
         d["squeezers"] = tuple(d["squeezers"])
         d["scores"] = None if d["scores"] is None else tuple(d["scores"])
@@ -160,7 +165,8 @@ class DefaultDefense(Defense):
 
     def statistic(self, s: torch.Tensor) -> torch.Tensor:
         """The fused statistic (n,) from a score matrix (n, k) in `names_` order."""
-        return fusion.combine(fusion.pvalues(self.reference_, s), self.config.combine).float()
+        log_p = fusion.log_pvalues(self.reference_, s, self.config.tails)
+        return fusion.combine(log_p, self.config.combine).float()
 
     # ------------------------------------------------------------------ contract
 
@@ -200,10 +206,10 @@ class DefaultDefense(Defense):
         self.val_fpr_ = float(flagged.float().mean())
 
     def with_config(self, **changes: Any) -> DefaultDefense:
-        """A copy at another operating point (α, combination, policy, η), from the stored VAL
+        """A copy at another operating point (α, combination, tails, policy, η), from the stored VAL
         scores; what is scored cannot change this way."""
         self._require_fit()
-        fixed = sorted(set(changes) - {"alpha", "combine", "purify", "eta"})
+        fixed = sorted(set(changes) - {"alpha", "combine", "tails", "purify", "eta"})
         if fixed:
             raise InputError(f"with_config cannot change {fixed[0]!r}: fit a new DefaultDefense")
         clone = DefaultDefense(

@@ -16,6 +16,7 @@ from fmdefense.core.artifacts import (
 )
 from fmdefense.core.chunks import config_hash
 from fmdefense.core.errors import ArtifactError
+from fmdefense.core.files import read_json, write_json
 from fmdefense.core.fingerprints import fingerprint, fingerprint_tensor
 from fmdefense.core.paths import weights_home
 from fmdefense.defenses.base import Defense
@@ -33,6 +34,38 @@ log = logging.getLogger(__name__)
 
 
 def recon_baseline(
+    run: Path,
+    clf: torch.nn.Module,
+    vae: Any,
+    x_val: torch.Tensor,
+    x_cle: torch.Tensor,
+    y_cle: torch.Tensor,
+    adv_sets: dict[str, AdversarialSet],
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """`recon_rows`, stored under run/recon_check keyed by the models and every input set, so a
+    resumed run does not decode every set again."""
+    key = config_hash(
+        {
+            "models": [fingerprint(clf), fingerprint(vae)],
+            "sets": [fingerprint_tensor(x) for x in (x_val, x_cle, y_cle)]
+            + [
+                [k, fingerprint_tensor(a.x_adv), fingerprint_tensor(a.y_true)]
+                for k, a in adv_sets.items()
+            ],
+        }
+    )
+    folder = run / "recon_check"
+    json_path, tensor_path = folder / f"{key}.json", folder / f"{key}.safetensors"
+    if json_path.is_file() and tensor_path.is_file():
+        log.info("reusing finished stage %s", json_path)
+        return read_json(json_path), load_tensors(tensor_path)
+    out, scores = recon_rows(clf, vae, x_val, x_cle, y_cle, adv_sets)
+    save_tensors(tensor_path, scores)
+    write_json(json_path, out)
+    return out, scores
+
+
+def recon_rows(
     clf: torch.nn.Module,
     vae: Any,
     x_val: torch.Tensor,

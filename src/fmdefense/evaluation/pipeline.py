@@ -95,10 +95,10 @@ def run_reproduce(
         n_morphs=profile.n_morphs, rho=profile.rho, precision=profile.precision, seed=profile.seed
     )
     defense = stage_calibrate(run, clf, vae, cfg, x_val, y_val)
-    raw = {"CLE": stage_set_outputs(run, "CLE", defense, x_cle, y_cle)}
-    limits = dict(profile.fm_limits)
+    n_cle = _fm_limit(profile, "CLE")
+    raw = {"CLE": stage_set_outputs(run, "CLE", defense, x_cle[:n_cle], y_cle[:n_cle])}
     for name, adv in adv_sets.items():
-        n = limits.get(name)
+        n = _fm_limit(profile, name)
         raw[name] = stage_set_outputs(run, name, defense, adv.x_adv[:n], adv.y_true[:n])
     results = experiments(run, dataset, profile, defense, raw, x_cle, adv_sets)
     fm = {"CLE": ex.suspicion(raw["CLE"]["resistance"])}
@@ -106,7 +106,7 @@ def run_reproduce(
     scores = {"FM-Defense": fm}
     if "recon" in baselines:
         results["recon_check"], scores["recon check"] = recon_baseline(
-            clf, vae, x_val, x_cle, y_cle, adv_sets
+            run, clf, vae, x_val, x_cle, y_cle, adv_sets
         )
     if "magnet" in baselines:
         results["magnet"], scores["MagNet"] = magnet_baseline(
@@ -156,6 +156,12 @@ def run_reproduce(
         _write_report(run, results)
     log.info("report: %s", run / "report.md")
     return results
+
+
+def _fm_limit(profile: Profile, name: str) -> int | None:
+    """How many images of a set FM-Defense's morphs run on (None: all)."""
+    caps = [n for n in (dict(profile.fm_limits).get(name), profile.fm_limit) if n is not None]
+    return min(caps) if caps else None
 
 
 def _default(

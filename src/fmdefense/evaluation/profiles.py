@@ -31,6 +31,7 @@ class Profile:
     # FM-Defense's resistance on only the first N images of these sets (its 2,000 morphs per
     # input are the pipeline's dominant cost); every other defense sees whole sets
     fm_limits: tuple[tuple[str, int], ...] = ()
+    fm_limit: int | None = None  # FM-Defense on the first N of every set, CLE included
     default_alpha: float = 0.01  # the default defense's clean false-positive rate on VAL
     default_adaptive_limit: int | None = None  # its adaptive stage's images (None: adaptive_limit)
     n_tuning: int = 500  # first N VAL images attacked: the default's tuning set

@@ -22,8 +22,8 @@ def _lead_table(results: dict[str, Any]) -> list[str]:
     joint = results.get("table2_joint_fpr_5pct", {})
     fbgan = results.get("fbgan", {}).get("table2", {})
     lines = [
-        f"| set | n | no defense | **default** ({d['chosen']['combine']}, "
-        f"{d['chosen']['purify']}) | flagged | MagNet | Defense-GAN (first {n_gan}) | FBGAN | "
+        f"| set | n | no defense | **default** ({', '.join(d['chosen'].values())}) | flagged | "
+        f"MagNet | Defense-GAN (first {n_gan}) | FBGAN | "
         "FM-Defense (joint, VAL FPR ≤ 5 %; on the images it ran on, see Table II) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -122,9 +122,11 @@ def default_section(results: dict[str, Any]) -> list[str]:
         "## The default defense",
         "",
         f"`DefaultDefense`: {len(d['names'])} clean-calibrated one-decode scores "
-        f"({', '.join(d['names'])}), empirical p-values against one half of VAL, combined, "
+        f"({', '.join(d['names'])}), p-values against one half of VAL (empirical, or with an "
+        "exponential tail beyond the clean range), combined, "
         f"thresholded at α = {_pct(d['alpha'])} on the other half (held-out VAL FPR "
-        f"{_pct(d['val_fpr_held_out'])}). The combination rule and the purification policy "
+        f"{_pct(d['val_fpr_held_out'])}). The combination rule, the tails and the purification "
+        "policy "
         f"were chosen on a tuning set of attacks on VAL images ({d['tuning_sets']}), not on "
         "the sets below. Defended = rejected or labelled right (ADV); accuracy (CLE).",
         "",

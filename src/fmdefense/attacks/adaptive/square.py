@@ -41,15 +41,17 @@ def fm_deficit(defense: Defense, dec: Decision) -> tuple[torch.Tensor, float]:
 
 
 def default_deficit(defense: Defense, dec: Decision) -> tuple[torch.Tensor, float]:
-    """How far the fused statistic is above the default's threshold, as a share of the way from
-    the threshold to the largest statistic there is (every p-value at its 1/(n_ref + 1))."""
+    """How far the fused statistic is above the default's threshold, mapped into [0, 1):
+    excess / (excess + scale), with scale the way from the threshold to the statistic of every
+    p-value at its empirical floor 1/(n_ref + 1) (tails can go beyond it, so it is no maximum)."""
     d = cast(DefaultDefense, defense)
     n_ref, k = d.reference_.shape
-    worst = float(fusion.combine(torch.full((1, k), 1.0 / (n_ref + 1)), d.config.combine)[0])
+    floor = torch.full((1, k), -math.log(n_ref + 1))
+    worst = float(fusion.combine(floor, d.config.combine)[0])
     if not math.isfinite(d.threshold_) or worst <= d.threshold_:  # everything (nothing) flagged
         return dec.flagged.float(), 1.0
     excess = (dec.scores["fused"].double() - d.threshold_).clamp(min=0)
-    return (excess / (worst - d.threshold_)).float(), 1.0
+    return (excess / (excess + worst - d.threshold_)).float(), 1.0
 
 
 DEFICITS: dict[str, Deficit] = {"fm": fm_deficit, "default": default_deficit}

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from fmdefense.attacks.adaptive.base import AdaptiveAttack, Pool
 from fmdefense.attacks.adaptive.legacy import legacy_config
@@ -33,6 +32,7 @@ from fmdefense.attacks.adaptive.sanity import sanity_checks
 from fmdefense.attacks.defended import outcomes
 from fmdefense.core.artifacts import read_json, write_json
 from fmdefense.core.errors import ArtifactError, InputError
+from fmdefense.core.executor import SerialExecutor, current_executor
 from fmdefense.core.fingerprints import fingerprint, fingerprint_tensor
 from fmdefense.defenses.base import Defense
 
@@ -84,21 +84,36 @@ def cached_unit(
 ) -> Any:
     """`compute()`'s result, stored atomically in `path` with `key`; reused when the stored key
     equals `key` or one of `aliases` (older spellings of the same unit). No path: no cache."""
-    if path is None:
-        return compute()
-    known = [json.loads(json.dumps(k)) for k in (key, *aliases)]  # as they read back
-    if path.is_file():
-        try:
-            stored = read_json(path)
-        except ArtifactError:
-            stored = None
-        if isinstance(stored, dict) and stored.get("key") in known:
-            log.info("%s: done with the same config, skipped", path)
-            return stored["result"]
-        log.info("%s: config changed, recomputing", path)
+    found = _stored(path, key, aliases)
+    if found is not _MISSING:
+        return found
     result = compute()
-    write_json(path, {"key": known[0], "result": result})
+    _store(path, key, result)
     return result
+
+
+_MISSING = object()
+
+
+def _stored(path: Path | None, key: dict[str, Any], aliases: Sequence[dict[str, Any]]) -> Any:
+    """The result stored in `path` under `key` (or an alias), else `_MISSING`."""
+    if path is None or not path.is_file():
+        return _MISSING
+    known = [json.loads(json.dumps(k)) for k in (key, *aliases)]  # as they read back
+    try:
+        stored = read_json(path)
+    except ArtifactError:
+        stored = None
+    if isinstance(stored, dict) and stored.get("key") in known:
+        log.info("%s: done with the same config, skipped", path)
+        return stored["result"]
+    log.info("%s: config changed, recomputing", path)
+    return _MISSING
+
+
+def _store(path: Path | None, key: dict[str, Any], result: Any) -> None:
+    if path is not None:
+        write_json(path, {"key": json.loads(json.dumps(key)), "result": result})
 
 
 def _eps_name(eps: float) -> str:
@@ -106,23 +121,57 @@ def _eps_name(eps: float) -> str:
 
 
 class _Units:
-    """The unit files of one sweep: where each goes and the key it is stored under."""
+    """The units of one sweep: planned first (file, key, computation), then the ones not yet
+    stored run on the command's executor (`core.executor`), each stored as soon as it is done.
+    Every unit is independent (own seeded generators), so the order does not change results."""
 
     def __init__(self, out: Path | None, base_key: dict[str, Any]) -> None:
         self.out, self.base_key = out, base_key
+        self.planned: dict[str, tuple[dict[str, Any], list[dict[str, Any]], Callable[[], Any]]] = {}
+        self.results: dict[str, Any] = {}
 
-    def path(self, *parts: str) -> Path | None:
-        return None if self.out is None else self.out.joinpath(*parts)
+    def path(self, name: str) -> Path | None:
+        return None if self.out is None else self.out / name
 
-    def run(
-        self, unit: str, attack: AdaptiveAttack, path: Path | None, compute: Callable[[], Any]
-    ) -> Any:
-        """The unit's result, keyed by the attack's parameters (or their old shared form)."""
+    def plan(
+        self, name: str, key: dict[str, Any], compute: Callable[[], Any], aliases: list[Any]
+    ) -> str:
+        """Add the unit stored as `out/<name>`; returns `name`, its handle in `results`."""
+        self.planned[name] = (key, aliases, compute)
+        return name
+
+    def plan_attack(
+        self, unit: str, attack: AdaptiveAttack, name: str, compute: Callable[[], Any]
+    ) -> str:
+        """A unit keyed by the attack's parameters (or their old shared form)."""
         who = {"attack": attack.name} if unit == "attack" else {}
         key = {**self.base_key, "unit": unit, **who, "params": attack.params}
         old = legacy_config(attack)
         aliases = [] if old is None else [{**self.base_key, "unit": unit, **who, "config": old}]
-        return cached_unit(path, key, compute, aliases=aliases)
+        return self.plan(name, key, compute, aliases)
+
+    def run(self) -> dict[str, Any]:
+        """Every planned unit's result: stored ones read back, the others computed."""
+        todo = []
+        for name, (key, aliases, _) in self.planned.items():
+            found = _stored(self.path(name), key, aliases)
+            if found is _MISSING:
+                todo.append(name)
+            else:
+                self.results[name] = found
+        planned = self.planned
+
+        def compute(name: str) -> Any:
+            return planned[name][2]()
+
+        def finished(i: int, result: Any) -> None:
+            _store(self.path(todo[i]), planned[todo[i]][0], result)
+            self.results[todo[i]] = result
+
+        # Resumable sweeps (with a folder) run on the command's executor; others stay here.
+        executor = current_executor() if self.out is not None else SerialExecutor()
+        executor.map(compute, [(name,) for name in todo], finished, desc="adaptive", unit="unit")
+        return self.results
 
 
 def _configured(name: str, defense: Defense, changes: dict[str, Any]) -> AdaptiveAttack:
@@ -166,44 +215,53 @@ def run_sweep(
     base = {**(source or {}), "classifier": fingerprint(clf), "inputs": fingerprint_tensor(x)}
     units = _Units(None if out is None else Path(out), {**base, "n": len(x)})
 
-    def attack_unit(attack: AdaptiveAttack, file: str) -> dict[str, Any]:
-        path = units.path(attack.name, file)
-        return units.run("attack", attack, path, lambda: evaluate(attack, defense, x, y, pool=pool))
+    def attack_unit(attack: AdaptiveAttack, file: str) -> str:
+        def compute() -> dict[str, Any]:
+            return evaluate(attack, defense, x, y, pool=pool)
 
-    clean_key = {**units.base_key, "unit": "clean"}
-    clean = cached_unit(units.path("clean.json"), clean_key, lambda: outcomes(defense, x, y))
-    per_eps: dict[str, list[dict[str, Any]]] = {name: [] for name in attacks}
-    jobs = [(name, eps) for name in attacks for eps in eps_sorted]
-    for name, eps in tqdm(jobs, desc="adaptive", disable=None):
-        attack = configured[name].replace(eps=eps)
-        per_eps[name].append(attack_unit(attack, f"eps-{_eps_name(eps)}.json"))
-    undefended: float | None = None
+        return units.plan_attack("attack", attack, f"{attack.name}/{file}", compute)
+
+    clean = units.plan(
+        "clean.json", {**units.base_key, "unit": "clean"}, lambda: outcomes(defense, x, y), []
+    )
+    per_eps = {
+        name: [
+            attack_unit(configured[name].replace(eps=eps), f"eps-{_eps_name(eps)}.json")
+            for eps in eps_sorted
+        ]
+        for name in attacks
+    }
+    checked = {
+        name: _plan_sanity(configured[name], top, attack_unit, checks, unbounded_eps)
+        for name in attacks
+    }
+    undefended: str | None = None
     if checks:  # PGD on the bare classifier at the largest ε: one unit for all attacks
         bare = _configured("undefended", defense, changes).replace(eps=top)
 
         def bare_success() -> float:
             return float(bare.run(x, y).success.float().mean())
 
-        path = units.path(f"undefended-eps-{_eps_name(top)}.json")
-        undefended = units.run("undefended", bare, path, bare_success)
-    results = {
-        name: _with_sanity(
-            configured[name],
-            per_eps[name],
-            top,
-            attack_unit,
-            undefended,
-            checks=checks,
-            unbounded_eps=unbounded_eps,
+        file = f"undefended-eps-{_eps_name(top)}.json"
+        undefended = units.plan_attack("undefended", bare, file, bare_success)
+    done = units.run()
+    results = {}
+    for name in attacks:
+        rows = [done[unit] for unit in per_eps[name]]
+        sanity = sanity_checks(
+            rows,
+            undefended=None if undefended is None else done[undefended],
+            **{
+                check: None if unit is None else done[unit] for check, unit in checked[name].items()
+            },
         )
-        for name in attacks
-    }
+        results[name] = {"params": configured[name].params, "per_eps": rows, "sanity": sanity}
     summary = {
         "defense": defense.name,
         **(source or {}),
         "n": len(x),
         "eps": eps_sorted,
-        "clean": clean,
+        "clean": done[clean],
         "attacks": results,
         "seconds": time.perf_counter() - t0,
     }
@@ -212,32 +270,25 @@ def run_sweep(
     return summary
 
 
-def _with_sanity(
+def _plan_sanity(
     attack: AdaptiveAttack,
-    per_eps: list[dict[str, Any]],
     top: float,
-    attack_unit: Callable[[AdaptiveAttack, str], dict[str, Any]],
-    undefended: float | None,
-    *,
+    attack_unit: Callable[[AdaptiveAttack, str], str],
     checks: bool,
     unbounded_eps: float | None,
-) -> dict[str, Any]:
-    """One attack's rows with its sanity checks (the doublings run as units of their own)."""
-    double = restarts = unbounded = None
+) -> dict[str, str | None]:
+    """One attack's sanity units (`sanity_checks` keyword -> unit, None when not run)."""
+    units: dict[str, str | None] = {"double_budget": None, "double_restarts": None}
     if checks:
         top_attack = attack.replace(eps=top)
-        double = attack_unit(top_attack.with_budget(2), f"double-budget-eps-{_eps_name(top)}.json")
+        file = f"double-budget-eps-{_eps_name(top)}.json"
+        units["double_budget"] = attack_unit(top_attack.with_budget(2), file)
         if attack.restartable:
             file = f"double-restarts-eps-{_eps_name(top)}.json"
-            restarts = attack_unit(top_attack.with_restarts(2), file)
+            units["double_restarts"] = attack_unit(top_attack.with_restarts(2), file)
+    units["unbounded"] = None
     if unbounded_eps is not None:
         eps_u = float(unbounded_eps)
-        unbounded = attack_unit(attack.replace(eps=eps_u), f"unbounded-eps-{_eps_name(eps_u)}.json")
-    sanity = sanity_checks(
-        per_eps,
-        double_budget=double,
-        double_restarts=restarts,
-        undefended=undefended,
-        unbounded=unbounded,
-    )
-    return {"params": attack.params, "per_eps": per_eps, "sanity": sanity}
+        file = f"unbounded-eps-{_eps_name(eps_u)}.json"
+        units["unbounded"] = attack_unit(attack.replace(eps=eps_u), file)
+    return units
