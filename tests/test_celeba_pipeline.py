@@ -54,6 +54,8 @@ def test_reproduce_runs_end_to_end_on_a_celeba_folder(
     train_vae = ["train", "vae", *common, "--epochs-dgmm", "2", "--epochs-vae", "2"]
     assert main([*train_vae, "--out", str(vae_dir)]) == 0
     assert ComboVAE.load(vae_dir).cfg.in_channels == 3
+    vae_metrics = json.loads((vae_dir / "metrics.json").read_text())
+    assert vae_metrics["history_vae"][-1]["consistency"] > 0  # RGB through the frozen classifier
     assert main(reproduce) == 0
     results = json.loads((run / "results.json").read_text())
     report = (run / "report.md").read_text()
