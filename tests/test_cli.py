@@ -126,6 +126,8 @@ BAD_ARGUMENTS: list[tuple[list[str], str]] = [
     (["train", "classifier", "--dataset", "mnist", "--seed", "-1"], "--seed: must be a non-neg"),
     (["train", "vae", "--dataset", "mnist", "--limit", "-5"], "--limit: must be a positive"),
     (["train", "vae", "--dataset", "mnist", "--gamma", "-1"], "--gamma: must be a non-negative"),
+    (["train", "vae", "--dataset", "orl", "--w-consistency", "-1"], "--w-consistency: must be"),
+    (["reproduce", "--profile", "tiny"], "invalid choice: 'tiny'"),
     (["train", "defensegan", "--dataset", "mnist", "--epochs", "0"], "--epochs: must be a pos"),
     (["reproduce", "--n-cle", "0"], "--n-cle: must be a positive integer"),
     (["reproduce", "--adaptive-limit", "-1"], "--adaptive-limit: must be a non-negative"),

@@ -23,6 +23,7 @@ from fmdefense.training.vae import (
     VAETrainConfig,
     consistency_loss,
     kl_term,
+    train_dgmm,
     train_stage2,
     traversal_label_stability,
     vae_step,
@@ -260,6 +261,7 @@ def test_stage2_consistency_needs_a_classifier_and_freezes_it(tmp_path: Path) ->
 SHIPPED_VAE_TARGETS: dict[str, tuple[float, float | None]] = {
     "mnist": (0.97, 0.985),
     "fmnist": (0.85, None),
+    "orl": (0.90, None),  # 80 test faces (issue 18's target; consistency term, see README)
 }
 
 
@@ -286,3 +288,63 @@ def test_shipped_combo_vae_meets_its_targets(dataset: str) -> None:
     assert min(on_recon.values()) >= recon_target
     if dgmm_target is not None:
         assert got["dgmm_test_accuracy"] >= dgmm_target
+
+
+def test_stage1_resumes_across_a_stage2_change_and_only_then(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DGMM's finished epochs are kept when only a setting stage 1 never reads changes (here
+    the consistency weight); a stage-1 setting (its learning rate) retrains it."""
+    from fmdefense.training.vae import STAGE2_FIELDS, stage_key
+
+    assert set(STAGE2_FIELDS) < {f.name for f in dataclasses.fields(VAETrainConfig)}
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 1, 28, 28), torch.arange(8) % 10
+    cfg = VAETrainConfig(epochs_dgmm=1, batch_size=4)
+    cpu = torch.device("cpu")
+    first = train_dgmm(ComboVAE(DATASET_VAES["mnist"]), x, y, cfg, tmp_path, cpu)
+    same = dataclasses.replace(cfg, w_consistency=5.0, epochs_vae=3)
+    assert stage_key(dataclasses.asdict(same), 1) == stage_key(dataclasses.asdict(cfg), 1)
+    with caplog.at_level("INFO", logger="fmdefense.training.vae"):
+        assert train_dgmm(ComboVAE(DATASET_VAES["mnist"]), x, y, same, tmp_path, cpu) == first
+        assert "resuming" in caplog.text
+        caplog.clear()
+        other = dataclasses.replace(cfg, lr_dgmm=5e-4)
+        train_dgmm(ComboVAE(DATASET_VAES["mnist"]), x, y, other, tmp_path, cpu)
+        assert "resuming" not in caplog.text and "DGMM epoch 1" in caplog.text
+
+
+def test_more_stage2_epochs_continue_a_shorter_run_exactly(tmp_path: Path) -> None:
+    """Raising epochs_vae resumes stage 2 (no schedule depends on its length): 1 then 2 epochs
+    give the weights of 2 from scratch; a shorter request than what is saved starts over."""
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    cpu = torch.device("cpu")
+
+    def run(folder: Path, epochs: int) -> tuple[ComboVAE, list]:
+        torch.manual_seed(0)
+        vae = ComboVAE(DATASET_VAES["mnist"])
+        cfg = VAETrainConfig(epochs_vae=epochs, batch_size=4, gamma=0.0, kl_warmup_epochs=2)
+        return vae, train_stage2(vae, x, cfg, folder, cpu)
+
+    straight, h_straight = run(tmp_path / "a", 2)
+    run(tmp_path / "b", 1)
+    continued, h_continued = run(tmp_path / "b", 2)
+    assert [r["l_r"] for r in h_continued] == [r["l_r"] for r in h_straight]
+    for (name, a), (_, b) in zip(
+        straight.state_dict().items(), continued.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    _, shorter = run(tmp_path / "b", 1)
+    assert len(shorter) == 1 and shorter[0]["l_r"] == h_straight[0]["l_r"]
+
+
+@pytest.mark.parametrize("dataset", list(SHIPPED_VAE_TARGETS))
+def test_shipped_combo_vae_was_trained_with_the_current_defaults(dataset: str) -> None:
+    """`fmdefense train vae --dataset D` (the README's command) uses the settings the shipped
+    weights were trained with; fields added since the weights were made are absent there."""
+    from fmdefense.core.paths import vae_dir
+    from fmdefense.training.vae_config import VAE_TRAIN_CONFIGS
+
+    recorded = json.loads((vae_dir(dataset) / "metrics.json").read_text())["train_config"]
+    current = dataclasses.asdict(VAE_TRAIN_CONFIGS[dataset])
+    assert {k: current[k] for k in recorded} == recorded

@@ -149,6 +149,28 @@ def test_celeba_from_a_tiny_synthetic_folder(tmp_path: Path) -> None:
         decode_celeba(tmp_path, tmp_path / "nothing")
 
 
+def test_celeba_leaves_out_identities_too_small_to_split(tmp_path: Path) -> None:
+    """An identity needs 2 test + 1 VAL + 1 training image; CelebA has many with fewer."""
+    from tests.celeba_fixture import make_celeba_folder
+
+    folder = make_celeba_folder(tmp_path / "c", identities=3, per_identity=5, extra_rare=4)
+    ds = decode_celeba(tmp_path, folder)
+    assert np.bincount(ds.y_train).tolist() == [3, 3, 3]
+    assert np.bincount(ds.y_test).tolist() == [2, 2, 2]
+    assert ds.x_train.shape[1:] == (3, 64, 64) and ds.x_train.dtype == np.uint8
+    lines = (folder / "identity_CelebA.txt").read_text().splitlines()
+    small = tmp_path / "small"
+    (small / "img_align_celeba").mkdir(parents=True)
+    for line in lines[:3]:  # three images: no identity can be split
+        name = line.split()[0]
+        (small / "img_align_celeba" / name).write_bytes(
+            (folder / "img_align_celeba" / name).read_bytes()
+        )
+    (small / "identity_CelebA.txt").write_text("\n".join(lines[:3]))
+    with pytest.raises(DataError, match="no identity has 4 or more images"):
+        decode_celeba(tmp_path, small)
+
+
 def _toy(n_train: int, n_test: int, classes: int = 10) -> RawDataset:
     x = np.zeros((n_train, 1, 2, 2), np.uint8)
     xt = np.zeros((n_test, 1, 2, 2), np.uint8)

@@ -44,6 +44,7 @@ def vae_command(args: argparse.Namespace) -> None:
         "epochs_vae": args.epochs_vae,
         "gamma": args.gamma,
         "free_bits": args.free_bits,
+        "w_consistency": args.w_consistency,
         "seed": args.seed,
         "limit": args.limit,
     }
@@ -105,6 +106,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--free-bits", type=non_negative_float, default=None, help="KL-free nats per code"
+    )
+    p.add_argument(
+        "--w-consistency",
+        type=non_negative_float,
+        default=None,
+        help="weight of the decoder-only classifier-consistency term (0: the paper's L_R only)",
     )
     p.add_argument("--limit", type=positive_int, default=None, help="use only N training images")
     p.add_argument("--seed", type=non_negative_int, default=None)

@@ -24,6 +24,8 @@ FMNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 MNIST_TRAIN_COUNTS = (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949)
 ORL_SIZE = (64, 64)
 CELEBA_SIZE = (64, 64)
+# an identity needs two test images, one VAL image and one to train on
+CELEBA_MIN_IMAGES = 4
 IDX_NAMES = {
     "x_train": "train-images-idx3-ubyte",
     "y_train": "train-labels-idx1-ubyte",
@@ -247,8 +249,9 @@ def decode_orl(home: Path, data_dir: Path | None) -> RawDataset:
 def decode_celeba(home: Path, data_dir: Path | None, num_identities: int = 100) -> RawDataset:
     """CelebA from a local folder in its published layout, cropped and resized to 64×64 RGB.
 
-    Keeps the `num_identities` identities with the most images (ties by id); the last two images
-    of each identity in file order form the test part.
+    Keeps the `num_identities` identities with the most images (ties by id) among those with at
+    least CELEBA_MIN_IMAGES (two test images, one VAL image, one to train on); the last two
+    images of each identity in file order form the test part.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -261,8 +264,7 @@ def decode_celeba(home: Path, data_dir: Path | None, num_identities: int = 100) 
     if not ident_file.is_file() or not img_dir.is_dir():
         raise DataError(f"{data_dir} must hold img_align_celeba/ and identity_CelebA.txt")
     pairs = _celeba_identities(ident_file)
-    ids, counts = np.unique([i for _, i in pairs], return_counts=True)
-    keep = ids[np.lexsort((ids, -counts))][:num_identities]
+    keep = _celeba_keep(ident_file, pairs, num_identities)
     remap = {int(v): k for k, v in enumerate(sorted(keep.tolist()))}
     images, labels = [], []
     for name, ident in pairs:
@@ -280,6 +282,23 @@ def decode_celeba(home: Path, data_dir: Path | None, num_identities: int = 100) 
             raise DataError(f"cannot read CelebA image {img_dir / name}: {exc}") from exc
         labels.append(remap[ident])
     return RawDataset("celeba", *_per_identity_split(np.stack(images), np.asarray(labels), 2))
+
+
+def _celeba_keep(path: Path, pairs: list[tuple[str, int]], num_identities: int) -> np.ndarray:
+    """Ids of the `num_identities` identities with the most images, each with enough to split."""
+    ids, counts = np.unique([i for _, i in pairs], return_counts=True)
+    enough = counts >= CELEBA_MIN_IMAGES
+    if not enough.any():
+        raise DataError(
+            f"{path}: no identity has {CELEBA_MIN_IMAGES} or more images (two test, one VAL, "
+            f"one to train on); the most any has is {int(counts.max())}"
+        )
+    if not enough.all():
+        log.info(
+            "CelebA: %d identities with < %d images left out", (~enough).sum(), CELEBA_MIN_IMAGES
+        )
+    ids, counts = ids[enough], counts[enough]
+    return ids[np.lexsort((ids, -counts))][:num_identities]
 
 
 def _celeba_identities(path: Path) -> list[tuple[str, int]]:

@@ -144,17 +144,19 @@ def run_train_magnet(
     epochs: int = 10,
     limit: int | None = None,
     classifier: Path | None = None,
+    data_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Train on the dataset's combo-VAE split (20,000 clean images), fit on VAL, save.
 
     The defense protects the dataset's classifier (`classifier`: its artifact folder, default
     the shipped one); the metrics record its VAL accuracy (a rejection counts as wrong).
+    `data_dir`: the dataset's own files (as `fmdefense.data.load_raw`).
     """
     from fmdefense.data import load_raw, split_tensors
     from fmdefense.models.classifiers import Classifier
     from fmdefense.training.magnet import train_magnet
 
-    ds = load_raw(dataset)
+    ds = load_raw(dataset, data_dir=data_dir)
     x, _ = split_tensors(ds, "vae_train")
     x_val, y_val = split_tensors(ds, "val")
     c, h, w = ds.image_shape

@@ -102,16 +102,27 @@ def recon_rows(
 
 
 def stage_magnet(
-    run: Path, dataset: str, profile: Profile, clf: torch.nn.Module, device: torch.device
+    run: Path,
+    dataset: str,
+    profile: Profile,
+    clf: torch.nn.Module,
+    device: torch.device,
+    data_dir: Path | None = None,
 ) -> MagNet:
-    """MagNet around `clf` for this run folder: trained once, then reused."""
+    """MagNet around `clf` for this run folder: trained once (on `data_dir`'s files when
+    given), then reused."""
     folder = run / "magnet"
     try:
         magnet = MagNet.load(folder, clf)
         log.info("reusing finished stage %s", folder)
     except ArtifactError:
         run_train_magnet(
-            dataset, folder, device, epochs=profile.magnet_epochs, limit=profile.magnet_limit
+            dataset,
+            folder,
+            device,
+            epochs=profile.magnet_epochs,
+            limit=profile.magnet_limit,
+            data_dir=data_dir,
         )
         magnet = MagNet.load(folder, clf)
     return magnet
@@ -126,9 +137,10 @@ def magnet_baseline(
     y_cle: torch.Tensor,
     adv_sets: dict[str, AdversarialSet],
     device: torch.device,
+    data_dir: Path | None = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """MagNet on the same sets (its autoencoders trained once per run folder, then reused)."""
-    magnet = stage_magnet(run, dataset, profile, clf, device)
+    magnet = stage_magnet(run, dataset, profile, clf, device, data_dir)
     dec = {"CLE": magnet.decide(x_cle)} | {k: magnet.decide(a.x_adv) for k, a in adv_sets.items()}
     s_all = {k: torch.maximum(d.scores["ae_i"], d.scores["ae_ii"]) for k, d in dec.items()}
     s_cle = s_all.pop("CLE")  # either detector's error over its threshold: > 1 flagged

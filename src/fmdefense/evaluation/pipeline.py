@@ -21,7 +21,7 @@ from fmdefense.core.artifacts import (
     write_json,
 )
 from fmdefense.core.errors import InputError
-from fmdefense.core.paths import weights_home
+from fmdefense.core.paths import classifier_dir, vae_dir, weights_home
 from fmdefense.data import load_raw, split_tensors
 from fmdefense.defenses.default import DefaultConfig, DefaultDefense
 from fmdefense.defenses.fm.config import FMDefenseConfig
@@ -59,9 +59,11 @@ def run_reproduce(
     attacks: tuple[tuple[str, str], ...] | None = None,
     overrides: dict[str, Any] | None = None,
     baselines: tuple[str, ...] = BASELINES,
+    data_dir: Path | None = None,
 ) -> dict[str, Any]:
     """The whole evaluation of one dataset at one profile; returns results.json's content.
-    FM-Defense always runs (the figures are its); `baselines` picks the others."""
+    FM-Defense always runs (the figures are its); `baselines` picks the others. `data_dir`:
+    the dataset's own files (CelebA's folder; as `fmdefense.data.load_raw`)."""
     unknown = set(baselines) - set(BASELINES)
     if unknown:
         raise InputError(f"unknown baselines {sorted(unknown)}; choose from {BASELINES}")
@@ -76,15 +78,18 @@ def run_reproduce(
             f"adaptive_limit {profile.adaptive_limit} exceeds the {profile.n_cle} CLE images: "
             "lower --adaptive-limit or raise --n-cle"
         )
+    _require_models(dataset, data_dir)
     run.mkdir(parents=True, exist_ok=True)
     write_json(run / "profile.json", asdict(profile))
-    ds = load_raw(dataset)
+    ds = load_raw(dataset, data_dir=data_dir)
     x_val, y_val = split_tensors(ds, "val")
     x_cle, y_cle = split_tensors(ds, "cle")
     x_val, y_val = x_val[: profile.n_val], y_val[: profile.n_val]
     x_cle, y_cle = x_cle[: profile.n_cle], y_cle[: profile.n_cle]
     clf, vae = load_models(dataset, device)
-    source = {"dataset": dataset, "split": "cle", "n": len(y_cle)}
+    source: dict[str, Any] = {"dataset": dataset, "split": "cle", "n": len(y_cle)}
+    if data_dir is not None:  # another folder's images are other attack inputs
+        source["data_dir"] = str(Path(data_dir).resolve())
     adv_sets = stage_attacks(run, profile, clf, x_cle, y_cle, source)
     cfg = FMDefenseConfig(
         n_morphs=profile.n_morphs, rho=profile.rho, precision=profile.precision, seed=profile.seed
@@ -105,7 +110,7 @@ def run_reproduce(
         )
     if "magnet" in baselines:
         results["magnet"], scores["MagNet"] = magnet_baseline(
-            run, dataset, profile, clf, x_cle, y_cle, adv_sets, device
+            run, dataset, profile, clf, x_cle, y_cle, adv_sets, device, data_dir
         )
     fbgan_dir = weights_home() / dataset / "fbgan"
     if "fbgan" in baselines and (fbgan_dir / "config.json").is_file():
@@ -118,7 +123,17 @@ def run_reproduce(
             run, dataset, profile, clf, x_cle, y_cle, adv_sets, device
         )
     results["default"], scores["Default"] = _default(
-        run, dataset, profile, clf, vae, (x_val, y_val), (x_cle, y_cle), adv_sets, raw, device
+        run,
+        dataset,
+        profile,
+        clf,
+        vae,
+        (x_val, y_val),
+        (x_cle, y_cle),
+        adv_sets,
+        raw,
+        device,
+        data_dir,
     )
     results["roc_defenses"] = ex.roc_by_defense(scores, run / "roc_defenses.png")
     results["meta"]["seconds"] = time.perf_counter() - t0
@@ -160,12 +175,15 @@ def _default(
     adv_sets: dict[str, AdversarialSet],
     raw: dict[str, dict[str, torch.Tensor]],
     device: torch.device,
+    data_dir: Path | None = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The default defense: tuning attacks on the first `n_tuning` VAL images, then the stage."""
     x_tune, y_tune = val[0][: profile.n_tuning], val[1][: profile.n_tuning]
-    source = {"dataset": dataset, "split": "val", "n": len(y_tune)}
+    source: dict[str, Any] = {"dataset": dataset, "split": "val", "n": len(y_tune)}
+    if data_dir is not None:
+        source["data_dir"] = str(Path(data_dir).resolve())
     tuning = stage_attacks(run / "tuning", profile, clf, x_tune, y_tune, source)
-    aes = stage_magnet(run, dataset, profile, clf, device).autoencoders
+    aes = stage_magnet(run, dataset, profile, clf, device, data_dir).autoencoders
     config = DefaultConfig(alpha=profile.default_alpha, seed=profile.seed)
     defense = DefaultDefense(clf, vae, (aes.ae1, aes.ae2), config)
     sets = {"CLE": cle, **{k: (a.x_adv, a.y_true) for k, a in adv_sets.items()}}
@@ -180,6 +198,19 @@ def _default(
         resistance,
         fm_val if len(fm_val) == len(val[0]) else None,
     )
+
+
+def _require_models(dataset: str, data_dir: Path | None) -> None:
+    """The classifier and combo-VAE reproduce protects and manipulates must exist (shipped for
+    MNIST, Fashion-MNIST and ORL; trained by the user for CelebA): else say how to train them."""
+    given = f" --data-dir {data_dir}" if data_dir is not None else ""
+    for kind, folder in (("classifier", classifier_dir(dataset)), ("vae", vae_dir(dataset))):
+        if not (folder / "config.json").is_file():
+            raise InputError(
+                f"no {dataset} {kind} in {folder}: train it first with `fmdefense train {kind} "
+                f"--dataset {dataset}{given} --out {folder}` (the classifier before the vae), "
+                "or point $FMDEFENSE_WEIGHTS at a folder holding it"
+            )
 
 
 def _write_report(run: Path, results: dict[str, Any]) -> None:

@@ -74,5 +74,19 @@ PROFILES: dict[str, Profile] = {
         defensegan_limit=50,
         n_tuning=100,
     ),
+    # The same pipeline at the smallest sizes: proves it runs end to end (the CelebA fixture
+    # test); its figures measure nothing.
+    "smoke": Profile(
+        "smoke",
+        None,
+        None,
+        4,
+        ATTACKS,
+        rho=0.9,
+        magnet_epochs=1,
+        magnet_limit=256,
+        defensegan_limit=4,
+        n_tuning=8,
+    ),
 }
 BASELINES = ("recon", "magnet", "defensegan", "fbgan")

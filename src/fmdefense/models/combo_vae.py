@@ -332,4 +332,15 @@ DATASET_VAES: dict[str, ComboVAEConfig] = {
         map_size=8,
         width=32,
     ),
+    # ORL's networks on RGB: the face trunk and decoder take any channel count at 64×64
+    "celeba": ComboVAEConfig(
+        variant="maps",
+        in_channels=3,
+        image_size=(64, 64),
+        num_classes=100,
+        z_s_dim=32,
+        z_u_dim=16,
+        map_size=8,
+        width=32,
+    ),
 }

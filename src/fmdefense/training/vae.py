@@ -72,11 +72,45 @@ def _batches(n: int, size: int, gen: torch.Generator) -> list[torch.Tensor]:
     return [perm[i : i + size] for i in range(0, n, size)]
 
 
-def _resume(folder: Path, cfg: VAETrainConfig, modules: dict[str, Any]) -> tuple[int, list]:
+# Settings stage 1 (DGMM alone) never reads: changing them keeps its finished epochs.
+STAGE2_FIELDS = frozenset(
+    {
+        "epochs_vae",
+        "lr_vae",
+        "lr_tc",
+        "gamma",
+        "gamma_warmup_epochs",
+        "kl_warmup_epochs",
+        "free_bits",
+        "w_consistency",
+    }
+)
+
+
+def stage_key(config: dict[str, Any], stage: int) -> dict[str, Any]:
+    """The training settings a stage's resume state must match: those stage 1 reads for
+    stage 1; for stage 2 (trained on stage 1's DGMM) all but `epochs_vae`: no schedule of
+    stage 2 depends on its length, so a run with more epochs continues a shorter one exactly
+    (its first epochs are the shorter run's)."""
+    drop = STAGE2_FIELDS if stage == 1 else {"epochs_vae"}
+    return {k: v for k, v in config.items() if k not in drop}
+
+
+def _resume(
+    folder: Path, cfg: VAETrainConfig, modules: dict[str, Any], stage: int
+) -> tuple[int, list]:
     state = load_resume_state(folder)
-    if state is None or state.get("train_config") != asdict(cfg):
+    if state is None:
+        return 0, []
+    saved = state.get("train_config")
+    if not isinstance(saved, dict) or stage_key(saved, stage) != stage_key(asdict(cfg), stage):
+        return 0, []
+    if stage == 2 and int(state["epoch"]) > cfg.epochs_vae:  # a longer run: cannot shorten it
         return 0, []
     for name, module in modules.items():
+        if name == "torch_rng" and name not in state:  # saved before it was kept
+            log.warning("%s: no saved global RNG state; the resumed noise differs", folder.name)
+            continue
         module.load_state_dict(state[name])
     log.info("resuming %s from epoch %d", folder.name, state["epoch"])
     return int(state["epoch"]), list(state["history"])
@@ -107,7 +141,7 @@ def train_dgmm(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs_dgmm, 1))
     gen = torch.Generator().manual_seed(cfg.seed)
     modules = {"dgmm": dgmm, "opt": opt, "sched": sched, "gen": GeneratorState(gen)}
-    start, history = _resume(folder, cfg, modules)
+    start, history = _resume(folder, cfg, modules, stage=1)
     for epoch in range(start, cfg.epochs_dgmm):
         dgmm.train()
         t0, sums, n = time.perf_counter(), [0.0, 0.0, 0.0], 0
@@ -265,10 +299,13 @@ def train_stage2(
         "decoder": vae.decoder,
         "opt_vae": opt_vae,
         "gen": GeneratorState(gen),
+        # the reparameterisation noise comes from the global generator: kept, so a resumed
+        # run draws what an uninterrupted one would
+        "torch_rng": GeneratorState(torch.default_generator),
     }
     if disc is not None and opt_tc is not None:
         modules |= {"disc": disc, "opt_tc": opt_tc}
-    start, history = _resume(folder, cfg, modules)
+    start, history = _resume(folder, cfg, modules, stage=2)
     for epoch in range(start, cfg.epochs_vae):
         vae.encoder.train()
         vae.decoder.train()

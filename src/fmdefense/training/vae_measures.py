@@ -164,7 +164,10 @@ def traversal_image(
             batch[:, i] += shift.to(device)
         imgs = vae.decode_codes(batch, z_u.repeat(steps, 1)).cpu()
         for j in range(steps):
-            axes[i, j].imshow(imgs[j, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+            if imgs.shape[1] == 3:  # RGB faces (CelebA): (3, H, W) -> (H, W, 3)
+                axes[i, j].imshow(imgs[j].permute(1, 2, 0).numpy(), vmin=0, vmax=1)
+            else:
+                axes[i, j].imshow(imgs[j, 0].numpy(), cmap="gray", vmin=0, vmax=1)
             axes[i, j].set_xticks([])
             axes[i, j].set_yticks([])
         axes[i, 0].set_ylabel(f"f{i}", rotation=0, fontsize=7, ha="right")
