@@ -52,7 +52,7 @@ def test_report_table_equals_results_and_a_rerun_reuses_stages(
     split = saved["table2_joint_fpr_5pct"]["breakdown"]["CLE"]  # accept/purify/reject, joint
     assert abs(sum(split.values()) - 1) < 1e-6 and "reject (joint)" in report
     assert set(saved["roc_defenses"]) >= {"FM-Defense", "recon check", "MagNet"}
-    assert set(saved["adaptive"]) >= {"default", "fm", "magnet"}
+    assert set(saved["adaptive"]) >= {"default", "fm", "magnet", "fbgan"}  # shipped FBGAN
     assert "default_joint" in saved["adaptive"]["default"]["attacks"]
     assert adaptive_markdown(saved["adaptive"]) in report
     assert sanity_markdown(saved["adaptive"]) in report

@@ -21,6 +21,7 @@ from fmdefense.core.paths import weights_home
 from fmdefense.defenses.base import Defense
 from fmdefense.defenses.default import DefaultDefense
 from fmdefense.defenses.defense_gan import DefenseGAN
+from fmdefense.defenses.fbgan import FBGANDefense
 from fmdefense.defenses.fm.detector import FMDefense
 from fmdefense.defenses.fm.purifier import Z_U_MODES
 from fmdefense.defenses.magnet import MagNet, run_train_magnet
@@ -173,6 +174,11 @@ def defensegan_baseline(
     return result, scores
 
 
+def fbgan_dir(dataset: str) -> Path:
+    """Shipped, VAL-calibrated FBGAN of a dataset (trained by `fmdefense train fbgan`)."""
+    return weights_home() / dataset / "fbgan"
+
+
 def default_operating_point(defense: DefaultDefense) -> str:
     """How the default defense decides, in words (the adaptive report's operating point)."""
     cfg = defense.config
@@ -218,6 +224,10 @@ def stage_adaptive(
         gan = DefenseGAN.load(defensegan_dir(dataset), clf)
         rate = f"VAL drop rate {gan.config.drop_rate}"
         targets["defensegan"] = (gan, defensegan_dir(dataset), rate)
+    if "fbgan" in baselines and (fbgan_dir(dataset) / "config.json").is_file():
+        fbgan = FBGANDefense.load(fbgan_dir(dataset), clf)
+        rate = f"VAL drop rate {fbgan.config.drop_rate}"
+        targets["fbgan"] = (fbgan, fbgan_dir(dataset), rate)
     x, y = x_cle[: profile.adaptive_limit], y_cle[: profile.adaptive_limit]
     changes = {} if profile.adaptive_steps is None else {"steps": profile.adaptive_steps}
     out: dict[str, Any] = {}
