@@ -179,6 +179,28 @@ def fbgan_dir(dataset: str) -> Path:
     return weights_home() / dataset / "fbgan"
 
 
+@torch.no_grad()
+def fbgan_figure(
+    fbgan: FBGANDefense,
+    x_cle: torch.Tensor,
+    adv_sets: dict[str, AdversarialSet],
+    path: Path,
+    *,
+    n: int = 10,
+    seed: int = 0,
+) -> None:
+    """FBGAN's samples G(z) (z ~ N(0, I), seeded) and reconstructions G(E(x)) of the first n
+    CLE images and of the first n images of each adversarial set, one row each."""
+    model = fbgan.model.eval()
+    z = torch.randn((n, model.cfg.z_dim), generator=torch.Generator().manual_seed(seed))
+    rows = {"G(z), z ~ N(0, I)": model.generate(z.to(fbgan.device))}
+    sets = {"CLE": x_cle[:n]} | {k: a.x_adv[:n] for k, a in adv_sets.items()}
+    for name, x in sets.items():
+        rows[name] = x
+        rows[f"G(E({name}))"] = model.reconstruct(x.to(fbgan.device))
+    ex.figure6(rows, path, n=min(n, len(x_cle)))
+
+
 def default_operating_point(defense: DefaultDefense) -> str:
     """How the default defense decides, in words (the adaptive report's operating point)."""
     cfg = defense.config
