@@ -4,6 +4,7 @@ defense-aware attack."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from fmdefense.core.chunks import config_hash
 from fmdefense.core.errors import ArtifactError
 from fmdefense.core.fingerprints import fingerprint, fingerprint_tensor
 from fmdefense.core.paths import weights_home
-from fmdefense.defenses.base import Defense
+from fmdefense.defenses.base import Decision, Defense
 from fmdefense.defenses.default import DefaultDefense
 from fmdefense.defenses.defense_gan import DefenseGAN
 from fmdefense.defenses.fbgan import FBGANDefense
@@ -277,6 +278,11 @@ def stage_adaptive(
     return out
 
 
+def first_score(dec: Decision) -> torch.Tensor:
+    """A decision's first named score (n,): the detection score of one-score defenses."""
+    return next(iter(dec.scores.values()))
+
+
 def contract_baseline(
     run: Path,
     tag: str,
@@ -286,9 +292,11 @@ def contract_baseline(
     y_cle: torch.Tensor,
     adv_sets: dict[str, AdversarialSet],
     limit: int | None = None,
+    score: Callable[[Decision], torch.Tensor] = first_score,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Any fitted defense on the contract, on the first `limit` images of each set: Table II
-    and detection by its first score; each set's decisions cached under the artifact's digest."""
+    and detection by `score` (default: its first named score); each set's decisions cached
+    under the artifact's digest."""
     from fmdefense.attacks.adaptive.jobs import artifact_digest
 
     digest = artifact_digest(folder)
@@ -304,7 +312,7 @@ def contract_baseline(
             dec = defense.decide(x)
             out = {
                 "label": dec.label,
-                "score": next(iter(dec.scores.values())),
+                "score": score(dec),
                 "flagged": dec.flagged,
             }
             save_tensors(path, out)
