@@ -44,6 +44,8 @@ def test_each_baseline_row_is_its_own_verdict_on_the_set(fgsm_set: Path, tmp_pat
         defense = load_defense(weights_home() / "mnist" / BASELINE_DIRS[kind], clf)
         expected = defended_accuracy(defense.predict(adv.x_adv[:n]), adv.y_true[:n])
         assert row["table2"]["fgsm"] == pytest.approx(expected)
+        flagged = float(defense.detect(adv.x_adv[:n]).float().mean())
+        assert row["flagged"]["fgsm"] == pytest.approx(flagged)
         assert row["val_drop_rate"] is not None and f"{100 * expected:.1f} %" in report
     assert results["defenses"]["defensegan"]["n_per_set"] == 2
     assert results["defenses"]["fbgan"]["n_per_set"] == 6  # --limit: CLE too

@@ -302,7 +302,7 @@ def contract_baseline(
     digest = artifact_digest(folder)
     sets = {"CLE": (x_cle[:limit], y_cle[:limit])}
     sets |= {k: (a.x_adv[:limit], a.y_true[:limit]) for k, a in adv_sets.items()}
-    scores, table = {}, {}
+    scores, table, flagged = {}, {}, {}
     for name, (x, y) in sets.items():
         key = config_hash({"input": fingerprint_tensor(x), "defense": digest})
         path = run / tag / f"{name}-{key}.safetensors"
@@ -317,6 +317,7 @@ def contract_baseline(
             }
             save_tensors(path, out)
         scores[name] = out["score"]
+        flagged["clean" if name == "CLE" else name] = float(out["flagged"].float().mean())
         table[name] = (
             accuracy(out["label"], y) if name == "CLE" else defended_accuracy(out["label"], y)
         )
@@ -325,6 +326,7 @@ def contract_baseline(
     result = {
         "detection": ex.score_detection(s_cle, scores),
         "table2": table,
+        "flagged": flagged,  # share of each set the defense rejected or purified
         "n_per_set": len(sets["CLE"][1]),
     }
     return result, {"CLE": s_cle, **scores}

@@ -124,6 +124,11 @@ def _pct(v: Any) -> str:
     return "–" if v is None else f"{100 * float(v):.1f} %"
 
 
+def _cell(row: dict[str, Any], name: str) -> str:
+    """Accuracy (share flagged) of one baseline on one set."""
+    return f"{_pct(row['table2'].get(name))} ({_pct(row['flagged'].get(name))})"
+
+
 def _n(total: int, limit: int | None) -> int:
     return total if limit is None else min(total, limit)
 
@@ -139,17 +144,18 @@ def render_same_sets(results: dict[str, Any]) -> str:
         f"# Baselines on the same {results['dataset']} sets",
         "",
         f"Made by `{results['meta'].get('command', '?')}`. Accuracy; an adversarial input counts "
-        "as defended when rejected or labelled correctly (Table II's convention). Each baseline "
-        "is the shipped artifact, calibrated on clean VAL only.",
+        "as defended when rejected or labelled correctly (Table II's convention); in brackets "
+        "the share flagged (rejected). Each baseline is the shipped artifact, calibrated on "
+        "clean VAL only.",
         "",
         f"| set | n | no defense | {head} |",
         "|---|---|---|" + "---|" * len(kinds),
         f"| clean | {results['n_cle']} | {_pct(results['no_defense_clean'])} | "
-        + " | ".join(_pct(r["table2"]["clean"]) for r in kinds.values())
+        + " | ".join(_cell(r, "clean") for r in kinds.values())
         + " |",
     ]
     for name, src in sets.items():
-        cells = " | ".join(_pct(r["table2"].get(name)) for r in kinds.values())
+        cells = " | ".join(_cell(r, name) for r in kinds.values())
         lines.append(f"| {name} | {src['n']} | {_pct(src['no_defense'])} | {cells} |")
     lines += [
         "",
