@@ -1,8 +1,10 @@
 """Adaptive attacks on the baselines, the one judging rule, and `fmdefense adaptive` resuming.
 
 Toy world: 8×8 "ramp" images, brightness 0.5 + 0.45·s·(column − 3.5)/3.5 for a slope s in
-[−1, 1]; the toy classifier labels an image by the sign of its slope. MagNet's autoencoders learn
-the ramps, so noise off the ramp family raises their reconstruction error.
+[−1, 1]; the toy classifier labels an image by the sign of its slope. MagNet's autoencoders and
+FBGAN's E and G learn the ramps, so noise off the ramp family raises their reconstruction error.
+One table of targets (defense, attack, parameters, what it must achieve) drives the checks every
+baseline attack passes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 import fmdefense.attacks.adaptive.sweep as sweep
 from fmdefense.attacks.adaptive import (
     ADAPTIVE_ATTACKS,
+    DEFAULT_ATTACK,
     PGDAttack,
     attacks_for,
     make_attack,
@@ -30,12 +33,15 @@ from fmdefense.attacks.adaptive.jobs import load_inputs
 from fmdefense.attacks.defended import outcomes
 from fmdefense.cli import main
 from fmdefense.core.errors import InputError, NotFittedError
-from fmdefense.defenses.base import REJECT_LABEL
+from fmdefense.defenses.base import REJECT_LABEL, Defense
 from fmdefense.defenses.defense_gan import DefenseGAN
+from fmdefense.defenses.fbgan import FBGANDefense, FBGANDefenseConfig
 from fmdefense.defenses.magnet import MagNet
 from fmdefense.defenses.rule import outcome_rates
+from fmdefense.models.fbgan import FBGAN, FBGANConfig
 from fmdefense.models.gan import DefenseGANConfig, Generator
 from fmdefense.models.magnet import MagNetAutoencoders, MagNetConfig
+from fmdefense.training.fbgan import train_fbgan
 from fmdefense.training.magnet import train_magnet
 
 COL = (torch.arange(8.0) - 3.5) / 3.5
@@ -102,27 +108,106 @@ def gan() -> DefenseGAN:
     return model.fit(ramps(torch.rand(20, generator=gen) * 2 - 1))
 
 
-def accepted_wrong(defense: MagNet, x_adv: torch.Tensor, y: torch.Tensor) -> int:
+@pytest.fixture(scope="module")
+def fbgan() -> FBGANDefense:
+    """E and G trained on ramps (with the pixel term), threshold at a 2 % drop rate."""
+    gen = torch.Generator().manual_seed(0)
+    x = ramps(torch.rand(256, generator=gen) * 2 - 1)
+    cfg = FBGANConfig(
+        image_size=(8, 8), z_dim=2, width=8, disc_hidden=16, epochs=20, batch_size=32,
+        recon_weight=5.0, lr=1e-2,
+    )  # fmt: skip
+    model = FBGAN(cfg)
+    train_fbgan(model, x, torch.device("cpu"))
+    return FBGANDefense(RampClassifier(), model, FBGANDefenseConfig(drop_rate=0.02)).fit(x)
+
+
+@pytest.fixture
+def baseline(request: pytest.FixtureRequest) -> Defense:
+    """The toy baseline a target names (`magnet`, `gan` or `fbgan`)."""
+    return request.getfixturevalue(request.param)
+
+
+def accepted_wrong(defense: Defense, x_adv: torch.Tensor, y: torch.Tensor) -> int:
     label = defense.predict(x_adv)
     return int(((label != REJECT_LABEL) & (label != y)).sum())
 
 
-def test_magnet_joint_beats_plain_pgd_against_magnet(magnet: MagNet) -> None:
+@dataclass(frozen=True)
+class BaselineTarget:
+    """One baseline under one attack: its parameters, and how many toy inputs (of 10) it must
+    get accepted and wrong beyond plain PGD on the classifier (None: not checked)."""
+
+    defense: str  # fixture name
+    attack: str
+    params: dict[str, object]
+    beats_plain_by: int | None
+
+
+THROUGH = {"eps": 0.3, "steps": 30, "kappa": 0.0}
+BASELINE_TARGETS = [
+    BaselineTarget("magnet", "magnet_joint", THROUGH, 6),
+    BaselineTarget("fbgan", "fbgan_joint", THROUGH, 6),
+    BaselineTarget("gan", "defensegan_bpda", {"eps": 0.1, "steps": 4, "check_every": 2}, None),
+]
+KINDS = {"magnet": "magnet", "gan": "defensegan", "fbgan": "fbgan"}
+
+
+def test_the_table_covers_each_baselines_own_attack() -> None:
+    own = sorted(DEFAULT_ATTACK[KINDS[t.defense]] for t in BASELINE_TARGETS)
+    assert own == sorted(t.attack for t in BASELINE_TARGETS)
+    assert sorted(DEFAULT_ATTACK) == sorted(["default", "fm", *KINDS.values()])
+
+
+@pytest.mark.parametrize(
+    ("baseline", "target"),
+    [(t.defense, t) for t in BASELINE_TARGETS],
+    ids=[t.attack for t in BASELINE_TARGETS],
+    indirect=["baseline"],
+)
+def test_each_baseline_attack_stays_in_the_ball_is_seeded_and_is_judged_by_the_defense(
+    baseline: Defense, target: BaselineTarget
+) -> None:
     x, y = toy_inputs()
-    assert bool((magnet.predict(x) == y).all())  # clean ramps: accepted, reformed correctly
-    params = {"eps": 0.3, "steps": 30, "kappa": 0.0}
-    plain = run_adaptive("undefended", magnet, x, y, **params)  # PGD on C alone
-    joint = run_adaptive("magnet_joint", magnet, x, y, **params)
+    assert bool((baseline.predict(x) == y).all()) or target.beats_plain_by is None  # clean: right
+    result = run_adaptive(target.attack, baseline, x, y, **target.params)  # type: ignore[arg-type]
+    eps = float(target.params["eps"])  # type: ignore[arg-type]
+    assert result.x_adv.shape == x.shape
+    assert float(result.x_adv.min()) >= 0.0 and float(result.x_adv.max()) <= 1.0
+    assert float((result.x_adv - x).abs().max()) <= eps + 1e-6
+    label = baseline.predict(result.x_adv)  # its flags are the defense's own verdict
+    assert torch.equal(result.success, (label != y) & (label != REJECT_LABEL))
+    again = run_adaptive(target.attack, baseline, x, y, **target.params)  # type: ignore[arg-type]
+    assert torch.equal(again.x_adv, result.x_adv)  # seeded
+    if target.beats_plain_by is None:
+        return
+    plain = run_adaptive("undefended", baseline, x, y, **THROUGH)  # type: ignore[arg-type]
     assert bool(plain.success.all())  # it fools the bare classifier every time ...
-    n_plain, n_joint = (
-        accepted_wrong(magnet, plain.x_adv, y),
-        accepted_wrong(magnet, joint.x_adv, y),
-    )
-    assert n_plain <= 2  # ... but its noise trips the detectors (or the reformer undoes it)
-    assert n_joint >= n_plain + 6  # through the reformer, under the thresholds: accepted, wrong
-    judged = (magnet.predict(joint.x_adv) != y) & ~magnet.detect(joint.x_adv)
-    assert torch.equal(joint.success, judged)  # its flags are MagNet's own verdict
-    assert float((joint.x_adv - x).abs().max()) <= params["eps"] + 1e-6
+    n_plain = accepted_wrong(baseline, plain.x_adv, y)
+    assert n_plain <= 2  # ... but its noise trips the detector (or the reconstruction undoes it)
+    # through the defense's own transform, under its thresholds: accepted and wrong
+    assert accepted_wrong(baseline, result.x_adv, y) >= n_plain + target.beats_plain_by
+
+
+def test_fbgan_joint_differentiates_through_e_and_g_and_its_hinge_reads_the_threshold(
+    fbgan: FBGANDefense,
+) -> None:
+    x, y = toy_inputs()
+    attack = make_attack("fbgan_joint", fbgan, eps=0.3, kappa=0.0)
+    xa = x.clone().requires_grad_(True)
+    loss = attack.loss(xa, y, torch.arange(len(x)), torch.Generator())  # (n,)
+    (grad,) = torch.autograd.grad(loss.sum(), xa)
+    assert loss.shape == (len(x),) and bool(torch.isfinite(grad).all())
+    assert bool((grad.flatten(1).abs().amax(1) > 0).all())  # no masked gradient
+    with torch.no_grad():
+        recon = fbgan.reconstruct(x)
+        error = (recon - x).pow(2).flatten(1).sum(1)
+    lower = FBGANDefense(fbgan.classifier, fbgan.model, fbgan.config)
+    lower.threshold_ = float(error.min()) / 2  # every clean ramp now over τ
+    hinge = make_attack("fbgan_joint", lower, eps=0.3, kappa=0.0, w_cls=0.0)
+    expected = 10.0 * (error / lower.threshold_ - 0.9)  # w_stealth · (ratio − (1 − m))
+    got = hinge.loss(x, y, torch.arange(len(x)), torch.Generator()).detach()
+    assert torch.allclose(got, expected, rtol=1e-4)
 
 
 @pytest.mark.parametrize("starts", ["defense", "fresh"])
@@ -198,9 +283,11 @@ def test_one_judgement_for_every_defense_and_the_sweep_is_json(
 
 
 def test_registry_lists_the_baseline_attacks_by_defense() -> None:
-    assert {"magnet_joint", "defensegan_bpda"} <= set(ADAPTIVE_ATTACKS)
+    assert {"magnet_joint", "defensegan_bpda", "fbgan_joint"} <= set(ADAPTIVE_ATTACKS)
     assert attacks_for("magnet") == ["cw_transfer", "undefended", "magnet_joint"]
     assert attacks_for("defensegan") == ["cw_transfer", "undefended", "defensegan_bpda"]
+    assert attacks_for("fbgan") == ["cw_transfer", "undefended", "fbgan_joint"]
+    assert "fbgan_joint" not in attacks_for("magnet")
     assert "joint" in attacks_for("fm") and "magnet_joint" not in attacks_for("fm")
     with pytest.raises(InputError, match="unknown defense"):
         attacks_for("nope")
@@ -265,3 +352,20 @@ def test_cli_resumes_without_recomputing(
     changed[changed.index("--steps") + 1] = "3"  # a new config, so the attack runs again
     with pytest.raises(AssertionError, match="recomputed"):
         main(changed)
+
+
+def test_cli_takes_fbgan_with_its_own_attack_by_default(tmp_path: Path) -> None:
+    """`fmdefense adaptive --defense fbgan`: real MNIST CLE images, an untrained 28×28 FBGAN."""
+    from fmdefense.core.paths import classifier_dir
+    from fmdefense.models.classifiers import Classifier
+
+    x, _ = load_inputs("mnist", 8)
+    clf = Classifier.load(classifier_dir("mnist"), torch.device("cpu"))
+    FBGANDefense(clf, FBGAN(FBGANConfig())).fit(x).save(tmp_path / "fbgan")
+    out = tmp_path / "adaptive"
+    argv = ["adaptive", "--dataset", "mnist", "--defense", "fbgan", "--defense-dir"]
+    argv += [str(tmp_path / "fbgan"), "--eps", "0.1", "--limit", "3", "--steps", "2"]
+    assert main([*argv, "--no-checks", "--out", str(out), "--device", "cpu"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["defense"] == "fbgan" and list(summary["attacks"]) == ["fbgan_joint"]
+    assert (out / "fbgan_joint" / "eps-0.1.json").is_file()

@@ -140,6 +140,10 @@ BAD_ARGUMENTS: list[tuple[list[str], str]] = [
     (["adaptive", "--dataset", "mnist", "--defense", "fm", "--eps", "0"], "--eps: must be a pro"),
     (["adaptive", "--dataset", "mnist", "--defense", "fm", "--steps", "0"], "--steps: must be"),
     (["adaptive", "--dataset", "mnist", "--defense", "fm", "--limit", "0"], "--limit: must be"),
+    (["adaptive", "--dataset", "mnist", "--defense", "fbgan", "--attack", "joint"], "joint' does"),
+    (["baselines", "--dataset", "fmnist", "--out", "x"], "--sets"),
+    (["baselines", "--dataset", "fmnist", "--sets", "a", "--out", "x", "--limit", "0"], "--limit"),
+    (["baselines", "--dataset", "mnist", "--sets", "a", "--out", "x", "--defenses", "fm"], "'fm'"),
     (["no-such-command"], "invalid choice: 'no-such-command'"),
 ]
 

@@ -52,7 +52,9 @@ def test_report_table_equals_results_and_a_rerun_reuses_stages(
     split = saved["table2_joint_fpr_5pct"]["breakdown"]["CLE"]  # accept/purify/reject, joint
     assert abs(sum(split.values()) - 1) < 1e-6 and "reject (joint)" in report
     assert set(saved["roc_defenses"]) >= {"FM-Defense", "recon check", "MagNet"}
-    assert set(saved["adaptive"]) >= {"default", "fm", "magnet"}
+    assert set(saved["adaptive"]) >= {"default", "fm", "magnet", "fbgan"}  # shipped FBGAN
+    assert "fbgan_joint" in saved["adaptive"]["fbgan"]["attacks"]
+    assert "![fbgan_samples](fbgan_samples.png)" in report and "| paper: FBGAN |" in report
     assert "default_joint" in saved["adaptive"]["default"]["attacks"]
     assert adaptive_markdown(saved["adaptive"]) in report
     assert sanity_markdown(saved["adaptive"]) in report
@@ -63,7 +65,7 @@ def test_report_table_equals_results_and_a_rerun_reuses_stages(
     assert report.index("| default | default_joint |") < report.index("| fm | joint |")
     assert saved["table2"]["fgsm"]["n"] == 12 and saved["meta"]["counts"]["VAL"] == 24
     figures = ("figure1", "resistance_histograms", "figure4", "figure5", "figure6")
-    for name in (*figures, "roc", "roc_defenses"):
+    for name in (*figures, "roc", "roc_defenses", "fbgan_samples"):
         assert (tmp_path / "run" / f"{name}.png").is_file()
 
     def must_not_run(*args: object, **kwargs: object) -> None:

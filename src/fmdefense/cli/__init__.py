@@ -1,8 +1,8 @@
 """Command-line interface: `fmdefense <command> ...`, one module per command group.
 
 data (fetch, info) · train (classifier, vae, magnet, defensegan) · calibrate · defend ·
-reproduce · evaluate (classifier, vae) · attack · adaptive. Each module has `register(sub)`;
-the pipeline never imports this package.
+reproduce · evaluate (classifier, vae) · attack · adaptive · baselines. Each module has
+`register(sub)`; the pipeline never imports this package.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ COMMAND_MODULES: list[str] = [
     "fmdefense.cli.evaluate",
     "fmdefense.cli.attack",
     "fmdefense.cli.adaptive",
+    "fmdefense.cli.baselines",
 ]
 
 

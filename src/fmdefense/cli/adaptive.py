@@ -1,4 +1,5 @@
-"""`fmdefense adaptive`: defense-aware attacks on FM-Defense, MagNet or Defense-GAN (issue 7).
+"""`fmdefense adaptive`: defense-aware attacks on the default, FM-Defense, MagNet, Defense-GAN or
+FBGAN (issues 7, 19).
 
 Attacks the first N CLE images of a dataset with one or more adaptive attacks over a sweep of
 ε and judges the defense by the one rule on its hard decisions; resumable per unit (see
@@ -91,7 +92,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the `adaptive` subcommand to the top-level subparsers of `fmdefense`."""
     p = sub.add_parser(
         "adaptive",
-        help="defense-aware attacks on FM-Defense, MagNet or Defense-GAN (resumable)",
+        help="defense-aware attacks on FM-Defense, MagNet, Defense-GAN, FBGAN or the default "
+        "(resumable)",
     )
     p.add_argument("--dataset", choices=DATASETS, required=True)
     p.add_argument("--defense", choices=tuple(DEFAULT_ATTACK), required=True)
@@ -100,8 +102,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=Path,
         default=None,
         help="fm: a calibrated FMDefense folder (fmdefense calibrate, or RUN/defense); "
-        "magnet: a MagNet folder (RUN/magnet); defensegan: a DefenseGAN folder "
-        "(default runs/D/defense, runs/D/magnet, runs/D/defense_gan)",
+        "magnet: a MagNet folder (RUN/magnet); defensegan: a DefenseGAN folder; fbgan: a "
+        "calibrated FBGAN folder (weights/D/fbgan) (default runs/D/defense, runs/D/magnet, "
+        "runs/D/defense_gan, runs/D/fbgan)",
     )
     p.add_argument(
         "--attack",
@@ -109,7 +112,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=tuple(ADAPTIVE_ATTACKS),
         default=None,
         help="fm: joint (default), latent, cw_transfer, square; magnet: magnet_joint (default), "
-        "cw_transfer; defensegan: defensegan_bpda (default), cw_transfer; all: undefended",
+        "cw_transfer; defensegan: defensegan_bpda (default), cw_transfer; fbgan: fbgan_joint "
+        "(default), cw_transfer; all: undefended",
     )
     p.add_argument("--eps", nargs="+", type=probability, default=list(DEFAULT_EPS))
     p.add_argument(

@@ -4,6 +4,7 @@ defense-aware attack."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,10 @@ from fmdefense.core.errors import ArtifactError
 from fmdefense.core.files import read_json, write_json
 from fmdefense.core.fingerprints import fingerprint, fingerprint_tensor
 from fmdefense.core.paths import weights_home
-from fmdefense.defenses.base import Defense
+from fmdefense.defenses.base import Decision, Defense
 from fmdefense.defenses.default import DefaultDefense
 from fmdefense.defenses.defense_gan import DefenseGAN
+from fmdefense.defenses.fbgan import FBGANDefense
 from fmdefense.defenses.fm.detector import FMDefense
 from fmdefense.defenses.fm.purifier import Z_U_MODES
 from fmdefense.defenses.magnet import MagNet, run_train_magnet
@@ -218,6 +220,33 @@ def defensegan_baseline(
     return result, scores
 
 
+def fbgan_dir(dataset: str) -> Path:
+    """Shipped, VAL-calibrated FBGAN of a dataset (trained by `fmdefense train fbgan`)."""
+    return weights_home() / dataset / "fbgan"
+
+
+@torch.no_grad()
+def fbgan_figure(
+    fbgan: FBGANDefense,
+    x_cle: torch.Tensor,
+    adv_sets: dict[str, AdversarialSet],
+    path: Path,
+    *,
+    n: int = 10,
+    seed: int = 0,
+) -> None:
+    """FBGAN's samples G(z) (z ~ N(0, I), seeded) and reconstructions G(E(x)) of the first n
+    CLE images and of the first n images of each adversarial set, one row each."""
+    model = fbgan.model.eval()
+    z = torch.randn((n, model.cfg.z_dim), generator=torch.Generator().manual_seed(seed))
+    rows = {"G(z), z ~ N(0, I)": model.generate(z.to(fbgan.device))}
+    sets = {"CLE": x_cle[:n]} | {k: a.x_adv[:n] for k, a in adv_sets.items()}
+    for name, x in sets.items():
+        rows[name] = x
+        rows[f"G(E({name}))"] = model.reconstruct(x.to(fbgan.device))
+    ex.figure6(rows, path, n=min(n, len(x_cle)))
+
+
 def default_operating_point(defense: DefaultDefense) -> str:
     """How the default defense decides, in words (the adaptive report's operating point)."""
     cfg = defense.config
@@ -263,6 +292,10 @@ def stage_adaptive(
         gan = DefenseGAN.load(defensegan_dir(dataset), clf)
         rate = f"VAL drop rate {gan.config.drop_rate}"
         targets["defensegan"] = (gan, defensegan_dir(dataset), rate)
+    if "fbgan" in baselines and (fbgan_dir(dataset) / "config.json").is_file():
+        fbgan = FBGANDefense.load(fbgan_dir(dataset), clf)
+        rate = f"VAL drop rate {fbgan.config.drop_rate}"
+        targets["fbgan"] = (fbgan, fbgan_dir(dataset), rate)
     x, y = x_cle[: profile.adaptive_limit], y_cle[: profile.adaptive_limit]
     changes = {} if profile.adaptive_steps is None else {"steps": profile.adaptive_steps}
     out: dict[str, Any] = {}
@@ -290,6 +323,11 @@ def stage_adaptive(
     return out
 
 
+def first_score(dec: Decision) -> torch.Tensor:
+    """A decision's first named score (n,): the detection score of one-score defenses."""
+    return next(iter(dec.scores.values()))
+
+
 def contract_baseline(
     run: Path,
     tag: str,
@@ -299,15 +337,17 @@ def contract_baseline(
     y_cle: torch.Tensor,
     adv_sets: dict[str, AdversarialSet],
     limit: int | None = None,
+    score: Callable[[Decision], torch.Tensor] = first_score,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Any fitted defense on the contract, on the first `limit` images of each set: Table II
-    and detection by its first score; each set's decisions cached under the artifact's digest."""
+    and detection by `score` (default: its first named score); each set's decisions cached
+    under the artifact's digest."""
     from fmdefense.attacks.adaptive.jobs import artifact_digest
 
     digest = artifact_digest(folder)
     sets = {"CLE": (x_cle[:limit], y_cle[:limit])}
     sets |= {k: (a.x_adv[:limit], a.y_true[:limit]) for k, a in adv_sets.items()}
-    scores, table = {}, {}
+    scores, table, flagged = {}, {}, {}
     for name, (x, y) in sets.items():
         key = config_hash({"input": fingerprint_tensor(x), "defense": digest})
         path = run / tag / f"{name}-{key}.safetensors"
@@ -317,11 +357,12 @@ def contract_baseline(
             dec = defense.decide(x)
             out = {
                 "label": dec.label,
-                "score": next(iter(dec.scores.values())),
+                "score": score(dec),
                 "flagged": dec.flagged,
             }
             save_tensors(path, out)
         scores[name] = out["score"]
+        flagged["clean" if name == "CLE" else name] = float(out["flagged"].float().mean())
         table[name] = (
             accuracy(out["label"], y) if name == "CLE" else defended_accuracy(out["label"], y)
         )
@@ -330,6 +371,7 @@ def contract_baseline(
     result = {
         "detection": ex.score_detection(s_cle, scores),
         "table2": table,
+        "flagged": flagged,  # share of each set the defense rejected or purified
         "n_per_set": len(sets["CLE"][1]),
     }
     return result, {"CLE": s_cle, **scores}

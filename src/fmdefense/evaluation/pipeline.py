@@ -24,14 +24,15 @@ from fmdefense.core.errors import InputError
 from fmdefense.core.paths import classifier_dir, vae_dir, weights_home
 from fmdefense.data import load_raw, split_tensors
 from fmdefense.defenses.default import DefaultConfig, DefaultDefense
+from fmdefense.defenses.fbgan import FBGANDefense
 from fmdefense.defenses.fm.config import FMDefenseConfig
 from fmdefense.defenses.fm.detector import FMDefense
 from fmdefense.defenses.jobs import load_models
-from fmdefense.defenses.registry import load_defense
 from fmdefense.evaluation import experiments as ex
 from fmdefense.evaluation.baselines import (
     contract_baseline,
     defensegan_baseline,
+    fbgan_figure,
     magnet_baseline,
     recon_baseline,
     stage_adaptive,
@@ -114,10 +115,11 @@ def run_reproduce(
         )
     fbgan_dir = weights_home() / dataset / "fbgan"
     if "fbgan" in baselines and (fbgan_dir / "config.json").is_file():
-        fbgan = load_defense(fbgan_dir, clf)
+        fbgan = FBGANDefense.load(fbgan_dir, clf)
         results["fbgan"], scores["FBGAN"] = contract_baseline(
             run, "fbgan", fbgan, fbgan_dir, x_cle, y_cle, adv_sets
         )
+        fbgan_figure(fbgan, x_cle, adv_sets, run / "fbgan_samples.png")
     if "defensegan" in baselines:
         results["defense_gan"], scores["Defense-GAN"] = defensegan_baseline(
             run, dataset, profile, clf, x_cle, y_cle, adv_sets, device

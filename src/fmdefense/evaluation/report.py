@@ -9,8 +9,20 @@ from fmdefense.evaluation.report_default import default_section
 # Figures the paper printed (Table II, MNIST/CelebA columns), for comparison only.
 PAPER_TABLE2_MNIST = {
     "clean": {"no_defense": 0.994, "fm_defense": 0.983},
-    "fgsm": {"no_defense": 0.212, "fm_defense": 0.998, "defense_gan": 0.8321, "magnet": 0.746},
-    "cw_l2": {"no_defense": 0.0, "fm_defense": 0.9878, "defense_gan": 0.8011, "magnet": 0.196},
+    "fgsm": {
+        "no_defense": 0.212,
+        "fm_defense": 0.998,
+        "defense_gan": 0.8321,
+        "magnet": 0.746,
+        "fbgan": 0.8043,
+    },
+    "cw_l2": {
+        "no_defense": 0.0,
+        "fm_defense": 0.9878,
+        "defense_gan": 0.8011,
+        "magnet": 0.196,
+        "fbgan": 0.908,
+    },
     "deepfool_linf": {
         "no_defense": 0.091,
         "fm_defense": 0.997,
@@ -40,7 +52,11 @@ PAPER_FIGURES = {
     "roc": "not in the paper",
     "roc_defenses": "not in the paper (its baselines' figures were quoted, not measured)",
     "figure6": "paper Figure 6: purified digits keep their class; FactorVAE loses it",
+    "fbgan_samples": "not in the paper (FBGAN's samples G(z) and reconstructions G(E(x)) of "
+    "the first CLE and adversarial images)",
 }
+# Figures drawn only when the run measured what they show
+FIGURE_NEEDS = {"roc_defenses": "roc_defenses", "fbgan_samples": "fbgan"}
 
 
 def _quoted(quoted: dict[str, Any], name: str) -> dict[str, Any]:
@@ -122,11 +138,12 @@ def side_by_side_markdown(results: dict[str, Any], dataset: str) -> str:
     magnet = results.get("magnet", {}).get("table2", {})
     gan = results.get("defense_gan", {})
     n_gan = gan.get("n_per_set", "–")
+    fbgan = results.get("fbgan", {}).get("table2", {})
     lines = [
         "| set | no defense | FM-Defense | FM-Defense (joint, VAL FPR ≤ 5 %) | recon check "
-        f"(ρ = 0.99) | MagNet | Defense-GAN (first {n_gan}) | paper: FM-Defense | "
-        "paper: MagNet | paper: Defense-GAN |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"(ρ = 0.99) | MagNet | Defense-GAN (first {n_gan}) | FBGAN | paper: FM-Defense | "
+        "paper: MagNet | paper: Defense-GAN | paper: FBGAN |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in t2.items():
         q = _quoted(quoted, name)
@@ -134,8 +151,8 @@ def side_by_side_markdown(results: dict[str, Any], dataset: str) -> str:
             f"| {name} | {_pct(row['no_defense'])} | {_pct(row['fm_defense'])} | "
             f"{_pct(joint[name]['fm_defense'])} | {_pct(recon.get(name))} | "
             f"{_pct(magnet.get(name))} | {_pct(gan.get('table2', {}).get(name))} | "
-            f"{_pct(q.get('fm_defense'))} | {_pct(q.get('magnet'))} | "
-            f"{_pct(q.get('defense_gan'))} |"
+            f"{_pct(fbgan.get(name))} | {_pct(q.get('fm_defense'))} | {_pct(q.get('magnet'))} | "
+            f"{_pct(q.get('defense_gan'))} | {_pct(q.get('fbgan'))} |"
         )
     return "\n".join(lines)
 
@@ -179,7 +196,7 @@ def _side_by_side_section(results: dict[str, Any]) -> list[str]:
 def _by_defense(adaptive: dict[str, Any]) -> list[tuple[str, Any]]:
     """Defenses in a fixed order (the default first, then FM-Defense), whatever order
     results.json stored."""
-    order = {"default": 0, "fm": 1, "magnet": 2, "defensegan": 3}
+    order = {"default": 0, "fm": 1, "magnet": 2, "defensegan": 3, "fbgan": 4}
     return sorted(adaptive.items(), key=lambda kv: (order.get(kv[0], 9), kv[0]))
 
 
@@ -343,7 +360,7 @@ def render(results: dict[str, Any]) -> str:
         "",
     ]
     for key, caption in PAPER_FIGURES.items():
-        if key == "roc_defenses" and "roc_defenses" not in results:
+        if key in FIGURE_NEEDS and FIGURE_NEEDS[key] not in results:
             continue
         out += [f"![{key}]({key}.png)", "", f"*Ours: `{key}.png`. Compare: {caption}.*", ""]
     return "\n".join(out)

@@ -1,5 +1,5 @@
-"""Defense-aware (adaptive) attacks on the default defense, FM-Defense, MagNet and Defense-GAN
-(issues 7, 17).
+"""Defense-aware (adaptive) attacks on the default defense, FM-Defense, MagNet, Defense-GAN and
+FBGAN (issues 7, 17, 19).
 
 The paper's attackers know the classifier only. Here the attacker also knows the combo-VAE and
 the calibrated detector (codes, normal ranges, θ_r, θ_d, the z_u reading), as Carlini & Wagner
@@ -10,8 +10,8 @@ same way. Every defense is judged by one rule on its hard decisions (`attacks.de
   `success_at`), a template method;
 - one file per attack, each with its own keyword-only parameters: `default_joint.py`,
   `joint.py`, `latent.py`, `cw_transfer.py`, `square.py`, `undefended.py`, `magnet_joint.py`,
-  `defensegan_bpda.py` (the last two share `stealth.py`'s objective; `default_joint` its
-  parameters);
+  `defensegan_bpda.py`, `fbgan_joint.py` (the last three share `stealth.py`'s objective;
+  `default_joint` its parameters);
 - `registry.py`: ADAPTIVE_ATTACKS (name → class), DEFAULT_ATTACK per defense, make_attack;
 - `sweep.py`: the one ε sweep (`run_sweep`, resumable per unit); `sanity.py`: its checks;
   `legacy.py`: result keys of the old shared config; `jobs.py`: loading defenses and inputs.

@@ -21,6 +21,7 @@ DEFAULT_DIRS = {
     "fm": "defense",
     "magnet": "magnet",
     "defensegan": "defense_gan",
+    "fbgan": "fbgan",
 }
 # Models a defense needs beside the classifier (the others hold theirs in their artifact)
 NEEDS_VAE = ("fm", "recon", "default")

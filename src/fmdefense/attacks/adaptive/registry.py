@@ -1,8 +1,8 @@
 """ADAPTIVE_ATTACKS: registry name → attack class (its factory), and DEFAULT_ATTACK per defense.
 
 - `joint`, `latent`: FM-Defense; `default_joint`: the default defense; `square`: FM-Defense and
-  the default; `magnet_joint`: MagNet; `defensegan_bpda`: Defense-GAN; `cw_transfer`: every
-  defense; `undefended`: no defense (the bare classifier).
+  the default; `magnet_joint`: MagNet; `defensegan_bpda`: Defense-GAN; `fbgan_joint`: FBGAN;
+  `cw_transfer`: every defense; `undefended`: no defense (the bare classifier).
 Each factory is called as `factory(classifier, defense, **params)` with its own keyword-only
 hyperparameters; `make_attack` fills the classifier in from the defense.
 """
@@ -18,6 +18,7 @@ from fmdefense.attacks.adaptive.base import AdaptiveAttack, AttackResult, Pool
 from fmdefense.attacks.adaptive.cw_transfer import CWTransfer
 from fmdefense.attacks.adaptive.default_joint import DefaultJointPGD
 from fmdefense.attacks.adaptive.defensegan_bpda import DefenseGANBPDA
+from fmdefense.attacks.adaptive.fbgan_joint import FBGANJointPGD
 from fmdefense.attacks.adaptive.joint import JointPGD
 from fmdefense.attacks.adaptive.latent import LatentPGD
 from fmdefense.attacks.adaptive.magnet_joint import MagNetJointPGD
@@ -37,6 +38,7 @@ ADAPTIVE_ATTACKS: dict[str, type[AdaptiveAttack]] = {
         UndefendedPGD,
         MagNetJointPGD,
         DefenseGANBPDA,
+        FBGANJointPGD,
         DefaultJointPGD,
     )
 }
@@ -46,6 +48,7 @@ DEFAULT_ATTACK = {
     "fm": "joint",
     "magnet": "magnet_joint",
     "defensegan": "defensegan_bpda",
+    "fbgan": "fbgan_joint",
 }
 
 
