@@ -13,7 +13,7 @@ from fmdefense.attacks.runner import load_adversarial_set
 from fmdefense.cli import main
 from fmdefense.core.errors import InputError
 from fmdefense.core.paths import weights_home
-from fmdefense.defenses.jobs import load_classifier
+from fmdefense.defenses.jobs import load_classifier, load_vae
 from fmdefense.defenses.registry import load_defense
 from fmdefense.defenses.rule import defended_accuracy
 from fmdefense.evaluation.same_sets import BASELINE_DIRS, run_same_sets
@@ -35,18 +35,19 @@ def test_each_baseline_row_is_its_own_verdict_on_the_set(fgsm_set: Path, tmp_pat
     assert main([*argv, "--limit", "6", "--defensegan-limit", "2", "--device", "cpu"]) == 0
     results = json.loads((out / "results.json").read_text())
     report = (out / "report.md").read_text()
-    assert set(results["defenses"]) == {"fbgan", "magnet", "defensegan"}
+    assert set(results["defenses"]) == {"default", "fbgan", "magnet", "defensegan"}
     assert results["sets"]["fgsm"]["n"] == 6 and results["sets"]["fgsm"]["attack"] == "fgsm"
     adv = load_adversarial_set(fgsm_set)
-    clf = load_classifier("mnist", CPU)
+    clf, vae = load_classifier("mnist", CPU), load_vae("mnist", CPU)
     for kind, row in results["defenses"].items():
         n = row["limit"]
-        defense = load_defense(weights_home() / "mnist" / BASELINE_DIRS[kind], clf)
+        defense = load_defense(weights_home() / "mnist" / BASELINE_DIRS[kind], clf, vae)
         expected = defended_accuracy(defense.predict(adv.x_adv[:n]), adv.y_true[:n])
         assert row["table2"]["fgsm"] == pytest.approx(expected)
         flagged = float(defense.detect(adv.x_adv[:n]).float().mean())
         assert row["flagged"]["fgsm"] == pytest.approx(flagged)
-        assert row["val_drop_rate"] is not None and f"{100 * expected:.1f} %" in report
+        assert f"{100 * expected:.1f} %" in report
+        assert (row["val_drop_rate"] is None) == (kind == "default")  # the default: at α
     assert results["defenses"]["defensegan"]["n_per_set"] == 2
     assert results["defenses"]["fbgan"]["n_per_set"] == 6  # --limit: CLE too
     assert "Defense-GAN (first 2)" in report and "| fgsm | 6 |" in report

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fmdefense.cli.common import MODEL_DATASETS, add_common, positive_int
 
-BASELINES = ("fbgan", "magnet", "defensegan")  # as evaluation.same_sets (imported lazily)
+BASELINES = ("default", "fbgan", "magnet", "defensegan")  # as evaluation.same_sets (lazily)
 
 
 def run_command(args: argparse.Namespace) -> None:

@@ -1,4 +1,4 @@
-"""`fmdefense baselines`: the shipped baselines measured on saved adversarial sets.
+"""`fmdefense baselines`: the shipped default defense and baselines on saved adversarial sets.
 
 Each baseline is loaded from its shipped artifact (`weights/<dataset>/<folder>`, calibrated on
 the clean VAL split when it was trained: FBGAN and MagNet at a VAL drop rate of 0.001, Defense-GAN
@@ -30,21 +30,29 @@ from fmdefense.core.paths import weights_home
 from fmdefense.core.provenance import provenance
 from fmdefense.data import load_raw, split_tensors
 from fmdefense.defenses.base import Decision
-from fmdefense.defenses.jobs import load_classifier
+from fmdefense.defenses.jobs import load_classifier, load_vae
 from fmdefense.defenses.registry import load_defense
 from fmdefense.defenses.rule import accuracy
 from fmdefense.evaluation.baselines import contract_baseline
 
 log = logging.getLogger(__name__)
 # Baseline registry name -> its shipped folder under weights/<dataset>/, and its display name
-BASELINE_DIRS = {"fbgan": "fbgan", "magnet": "magnet", "defensegan": "defense_gan"}
-TITLES = {"fbgan": "FBGAN", "magnet": "MagNet", "defensegan": "Defense-GAN"}
+BASELINE_DIRS = {
+    "default": "default",
+    "fbgan": "fbgan",
+    "magnet": "magnet",
+    "defensegan": "defense_gan",
+}
+TITLES = {"default": "default", "fbgan": "FBGAN", "magnet": "MagNet", "defensegan": "Defense-GAN"}
 DEFAULT_LIMITS = {"defensegan": 500}
 
 
 def largest_score(dec: Decision) -> torch.Tensor:
-    """The largest of a decision's named scores (n,): the one score of FBGAN and Defense-GAN,
-    and for MagNet the larger of its two detectors' error/threshold ratios (flagged above 1)."""
+    """The detection score (n,): the default's fused statistic; the one score of FBGAN and
+    Defense-GAN; for MagNet the larger of its two detectors' error/threshold ratios (flagged
+    above 1)."""
+    if "fused" in dec.scores:
+        return dec.scores["fused"]
     return torch.stack(list(dec.scores.values())).amax(0)
 
 
@@ -81,6 +89,7 @@ def run_same_sets(
         raise InputError("give at least one adversarial-set folder")
     limits = {**DEFAULT_LIMITS, **(limits or {})}
     clf = load_classifier(dataset, device)
+    vae = load_vae(dataset, device) if "default" in defenses else None
     x_cle, y_cle = split_tensors(load_raw(dataset, data_dir=data_dir), "cle")
     adv_sets: dict[str, AdversarialSet] = {}
     sources: dict[str, dict[str, Any]] = {}
@@ -105,7 +114,7 @@ def run_same_sets(
     }
     for kind in defenses:
         folder = weights_home() / dataset / BASELINE_DIRS[kind]
-        defense = load_defense(folder, clf)
+        defense = load_defense(folder, clf, vae)
         first = min((n for n in (limits.get(kind), limit) if n is not None), default=None)
         log.info("%s (%s) on %d sets, first %s images each", kind, folder, len(adv_sets), first)
         row, _ = contract_baseline(
@@ -159,7 +168,8 @@ def render_same_sets(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {src['n']} | {_pct(src['no_defense'])} | {cells} |")
     lines += [
         "",
-        "Detection ROC-AUC (score: FBGAN's and Defense-GAN's reconstruction error, the larger "
+        "Detection ROC-AUC (score: the default's fused statistic, FBGAN's and Defense-GAN's "
+        "reconstruction error, the larger "
         "of MagNet's two error/threshold ratios; clean = the same first n CLE images):",
         "",
         "| set | " + " | ".join(TITLES[k] for k in kinds) + " |",
