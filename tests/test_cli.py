@@ -300,3 +300,13 @@ def test_defend_images_with_a_torchscript_classifier(
     argv = ["defend", "--images", str(flat), "--defense", str(tmp_path / "d"), "--device", "cpu"]
     assert main([*argv, "--out", str(tmp_path / "e.csv")]) == 2
     assert "calibrated for another classifier" in _one_line_error(capsys)
+
+
+def test_adaptive_start_at_input_turns_the_random_start_off() -> None:
+    from fmdefense.cli import build_parser
+    from fmdefense.cli.adaptive import _changes
+
+    base = ["adaptive", "--dataset", "mnist", "--defense", "default", "--steps", "7"]
+    args = build_parser().parse_args([*base, "--start-at-input"])
+    assert _changes(args) == {"steps": 7, "random_start": False}
+    assert _changes(build_parser().parse_args(base)) == {"steps": 7}

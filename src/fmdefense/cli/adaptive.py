@@ -25,6 +25,8 @@ DEFAULT_EPS = (0.05, 0.1, 0.2, 0.3)
 def _changes(args: argparse.Namespace) -> dict[str, Any]:
     """The attack parameters the command line sets (each attack takes those it has)."""
     given = {"steps": args.steps, "restarts": args.restarts, "batch_size": args.batch_size}
+    if args.start_at_input:
+        given["random_start"] = False
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -134,6 +136,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--batch-size", type=positive_int, default=None, help="inputs attacked together (64)"
+    )
+    p.add_argument(
+        "--start-at-input",
+        action="store_true",
+        help="PGD attacks start at the input itself instead of a random point of the ε-ball "
+        "(a detector-aware start: inside the clean region the detector accepts)",
     )
     p.add_argument(
         "--no-checks",
