@@ -289,8 +289,10 @@ def test_double_budget_check_tolerates_two_standard_errors_only() -> None:
 
 
 def _loss(attack: PGDAttack, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The attack's per-input objective at x (after its per-run preparation). (n,)"""
+    """The attack's per-input objective at x (after its per-run preparation; at its last step,
+    so a phased attack reads its full objective). (n,)"""
     attack.prepare(x, y, None)
+    attack.begin_step(attack.steps, x, y, torch.arange(len(x)))
     with torch.no_grad():
         return attack.loss(x, y, torch.arange(len(x)), torch.Generator().manual_seed(0))
 

@@ -105,16 +105,19 @@ def network_outputs(
     x: torch.Tensor,
     squeezers: tuple[str, ...],
     chunk: int = 256,
+    squeeze_with: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
 ) -> Outputs:
     """One encode, one decode of both z_u readings, and the classifier once over x, both
     reconstructions and every squeezed x stacked (in batches of `chunk`: larger ones run slower
-    per image on a CPU).  x: (n, C, H, W)."""
+    per image on a CPU).  x: (n, C, H, W). `squeeze_with` replaces squeezers by name (an
+    adaptive attack's surrogate gradients; same forward values)."""
+    fns = SQUEEZERS | (squeeze_with or {})
     n = len(x)
     z_s, z_u = vae.encode(x)
     dgmm_logits = vae.dgmm.logits(z_u)  # (n, classes)
     class_mean = vae.dgmm.means[dgmm_logits.argmax(1)]  # (n, K)
     recon = vae.decode(torch.cat([z_s, z_s]), torch.cat([z_u, class_mean]))  # (2n, C, H, W)
-    stacked = torch.cat([x, recon, *(SQUEEZERS[name](x) for name in squeezers)])
+    stacked = torch.cat([x, recon, *(fns[name](x) for name in squeezers)])
     logits = torch.cat([classifier(b) for b in stacked.split(chunk)]).split(n)  # (n, K) each
     modes = ("feature", "class_mean")
     autoencoded = None if autoencoders is None else (autoencoders[0](x), autoencoders[1](x))

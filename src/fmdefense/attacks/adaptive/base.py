@@ -253,6 +253,14 @@ class PGDAttack(AdaptiveAttack):
         """The feasible set: the L∞ ball of radius ε around x, intersected with [0, 1]."""
         return project_linf(x_adv, x, self.eps)
 
+    def project_at(self, x_adv: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """`project` for the run's inputs `idx` (for attacks whose feasible set is per input)."""
+        return self.project(x_adv, x)
+
+    def begin_step(self, t: int, x_adv: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> None:
+        """Called before step t of a restart with its live rows (t = 0: before the random start,
+        all rows); none by default (a phased attack switches objective or feasible set here)."""
+
     def step_size_at(self, t: int) -> float:
         """α at step t of a restart under the schedule (initial α: `step_size`, else ε/4)."""
         alpha = self.step_size if self.step_size is not None else self.eps / 4
@@ -295,12 +303,15 @@ class PGDAttack(AdaptiveAttack):
         device = device_of(self.classifier)
         x0, y0 = x[idx], y[idx]
         x_adv = x0.clone()
+        self.begin_step(0, x_adv, y0, idx)
         if self.random_start:
             noise = (torch.rand(x0.shape, generator=gen) * 2 - 1) * self.eps
-            x_adv = self.project(x0 + noise, x0)
+            x_adv = self.project_at(x0 + noise, x0, idx)
         live = torch.ones(len(idx), dtype=torch.bool)  # not yet fooled in this restart
         for t in range(self.steps + 1):
             rows = live.nonzero().flatten()
+            if t > 0:
+                self.begin_step(t, x_adv[rows], y0[rows], idx[rows])
             xa = x_adv[rows].to(device).requires_grad_(True)
             with warnings.catch_warnings():  # the VAE's input check reads min/max of x′
                 warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
@@ -315,7 +326,7 @@ class PGDAttack(AdaptiveAttack):
             keep = live[rows]  # rows fooled at this check stay where they are
             rows = rows[keep]
             step = self.step_size_at(t) * grad.detach().cpu()[keep].sign()
-            x_adv[rows] = self.project(x_adv[rows] - step, x0[rows])
+            x_adv[rows] = self.project_at(x_adv[rows] - step, x0[rows], idx[rows])
 
     def _record(
         self,
