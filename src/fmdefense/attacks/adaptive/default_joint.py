@@ -83,6 +83,9 @@ from fmdefense.defenses.scores import (
 
 log = logging.getLogger(__name__)
 HINGES = ("log", "linear")
+# Added to phase 1's loss: the loop keeps a failed input's lowest-loss iterate, which must be
+# one judged by the whole objective (phase 2), not a dense phase-1 point.
+PHASE_ONE_OFFSET = 1e6
 Link = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -305,7 +308,8 @@ class DefaultJointPGD(StealthPGD):
         if self.locks and self.step_ < self.lock_step:  # phase 1
             both = self.classifier(torch.cat([x_adv, soft_bits(self.bits_tau)(x_adv)]))
             first, second = both.float().split(len(x_adv))  # C(x′), C(round(x′)): (n, K) each
-            return self.w_cls * (margin(first, y, self.kappa) + margin(second, y, self.kappa))
+            both_wrong = margin(first, y, self.kappa) + margin(second, y, self.kappa)
+            return self.w_cls * both_wrong + PHASE_ONE_OFFSET  # never kept as the fallback x′
         linked, logits, purified_logits = self.linked_scores(x_adv, y)
         total = self.w_cls * margin(logits.float(), y, self.kappa)  # (n,)
         stealth = self.excess(linked).sum(1)
