@@ -57,3 +57,32 @@ def test_the_lock_is_set_only_where_the_rounded_input_is_already_fooled() -> Non
     assert torch.equal(attack.project_at(moved, x, idx), attack.project(moved, x))
     off = cast(DefaultJointPGD, make_attack("default_joint", d, lock_at=0.0))
     assert not off.locks
+
+
+def test_restart_zero_starts_at_the_input_and_each_phase_runs_its_own_schedule() -> None:
+    d = toy_default()
+    attack = cast(DefaultJointPGD, make_attack("default_joint", d, eps=0.3, steps=100))
+    assert not attack.starts_at_random(0) and attack.starts_at_random(1)
+    assert attack.replace(first_at_input=False).starts_at_random(0)
+    assert not attack.replace(random_start=False).starts_at_random(1)
+    first, last = attack.step_size_at(0), attack.step_size_at(attack.lock_step - 1)
+    assert first == pytest.approx(0.3 / 4) and last == pytest.approx(first / 8)
+    assert attack.step_size_at(attack.lock_step) == pytest.approx(first)  # phase 2 starts afresh
+    off = cast(DefaultJointPGD, make_attack("default_joint", d, eps=0.3, steps=100, lock_at=0.0))
+    assert off.step_size_at(50) == pytest.approx(first / 4)  # one schedule without the lock
+
+
+def test_phase_one_pulls_the_pixel_space_scores_down_as_well() -> None:
+    d = toy_default()
+    x, y = toy_inputs()
+    x = (x + 0.6 * torch.rand(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    attack = cast(DefaultJointPGD, make_attack("default_joint", d, eps=0.3, steps=10))
+    attack.prepare(x, y, None)
+    quiet = attack.replace(w_stealth=0.0)
+    quiet.prepare(x, y, None)
+    loud = attack.phase_one_loss(x, y) - quiet.phase_one_loss(x, y)  # the hidden scores' hinge
+    linked = attack.linked_scores(x, y)[0]
+    hidden = [i for i, k in enumerate(d.names_) if k.startswith(("pixel_error_", "magnet_ae_"))]
+    expected = attack.excess(linked)[:, hidden].sum(1)  # (n,), the loss is offset by 1e6
+    assert hidden and bool((expected > 1).all())
+    assert torch.allclose(loud, expected, atol=0.2)

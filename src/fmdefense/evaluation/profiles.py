@@ -60,7 +60,7 @@ PROFILES: dict[str, Profile] = {
         adaptive_fm_rho=0.95,
         fm_limits=(("cw_l2-kappa20", 500), ("pgd_linf-eps0.3", 500), ("pgd_linf-eps0.1", 500)),
         n_tuning=300,
-        default_adaptive_limit=200,
+        default_adaptive_limit=500,
     ),
     # 300 VAL images cannot support ρ = 0.999 (it allows 0.3 flagged images per code).
     "quick": Profile(

@@ -261,14 +261,22 @@ class PGDAttack(AdaptiveAttack):
         """Called before step t of a restart with its live rows (t = 0: before the random start,
         all rows); none by default (a phased attack switches objective or feasible set here)."""
 
+    def starts_at_random(self, restart: int) -> bool:
+        """Whether restart `restart` starts at a uniform point of the ε-ball (else at the input)."""
+        return self.random_start
+
     def step_size_at(self, t: int) -> float:
         """α at step t of a restart under the schedule (initial α: `step_size`, else ε/4)."""
+        return self.scheduled(t, self.steps)
+
+    def scheduled(self, t: int, n: int) -> float:
+        """α at step t of a schedule n steps long (a phased attack runs one per phase)."""
         alpha = self.step_size if self.step_size is not None else self.eps / 4
         if self.schedule == "halving":  # α, α/2, α/4, α/8 over the four quarters
-            return alpha / 2 ** min(3, (4 * t) // self.steps)
+            return alpha / 2 ** min(3, (4 * t) // n)
         if self.schedule == "cosine":
             floor = alpha / 100
-            return floor + 0.5 * (alpha - floor) * (1 + math.cos(math.pi * t / self.steps))
+            return floor + 0.5 * (alpha - floor) * (1 + math.cos(math.pi * t / n))
         return alpha
 
     # ------------------------------------------------------------------ the loop
@@ -285,7 +293,7 @@ class PGDAttack(AdaptiveAttack):
             todo = (~done).nonzero().flatten()
             for b in range(0, len(todo), self.batch_size):
                 idx = todo[b : b + self.batch_size]
-                self._restart(x, y, idx, gen, x_out, done, best_loss)
+                self._restart(x, y, idx, gen, x_out, done, best_loss, restart)
             log.debug("restart %d: %d/%d fooled", restart, int(done.sum()), len(x))
         return x_out, done
 
@@ -298,13 +306,14 @@ class PGDAttack(AdaptiveAttack):
         x_out: torch.Tensor,
         done: torch.Tensor,
         best_loss: torch.Tensor,
+        restart: int = 0,
     ) -> None:
         """One restart over the inputs `idx`; writes successes and fallbacks into x_out/done."""
         device = device_of(self.classifier)
         x0, y0 = x[idx], y[idx]
         x_adv = x0.clone()
         self.begin_step(0, x_adv, y0, idx)
-        if self.random_start:
+        if self.starts_at_random(restart):
             noise = (torch.rand(x0.shape, generator=gen) * 2 - 1) * self.eps
             x_adv = self.project_at(x0 + noise, x0, idx)
         live = torch.ones(len(idx), dtype=torch.bool)  # not yet fooled in this restart
