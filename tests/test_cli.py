@@ -101,6 +101,7 @@ def test_calibrate_then_defend_a_clean_set(
 # ---------------------------------------------------------------------- bad arguments
 
 CAL = ("calibrate", "--dataset", "mnist")
+TRAIN_C = ("train", "classifier", "--dataset", "mnist")
 BAD_ARGUMENTS: list[tuple[list[str], str]] = [
     # (argv, a piece of the one error line)
     (["defend", "--input", "clean", "--limit", "-1"], "--limit: must be a positive integer"),
@@ -124,6 +125,14 @@ BAD_ARGUMENTS: list[tuple[list[str], str]] = [
     ([*CAL, "--defense-kind", "default", "--rho", "0.9"], "--rho does not apply"),
     (["train", "classifier", "--dataset", "mnist", "--epochs", "0"], "--epochs: must be a pos"),
     (["train", "classifier", "--dataset", "mnist", "--seed", "-1"], "--seed: must be a non-neg"),
+    ([*TRAIN_C, "--adversarial", "fgsm"], "invalid choice: 'fgsm'"),
+    ([*TRAIN_C, "--adversarial", "pgd", "--adv-eps", "0"], "--adv-eps: must be a probability"),
+    ([*TRAIN_C, "--adversarial", "pgd", "--adv-eps", "1.5"], "--adv-eps: must be a probability"),
+    ([*TRAIN_C, "--adversarial", "pgd", "--adv-step", "nan"], "--adv-step: expected a finite"),
+    ([*TRAIN_C, "--adversarial", "pgd", "--adv-steps", "0"], "--adv-steps: must be a positive"),
+    ([*TRAIN_C, "--adv-eps", "0.3"], "--adv-eps does not apply without --adversarial"),
+    ([*TRAIN_C, "--adversarial", "none", "--adv-steps", "5"], "--adv-steps does not apply"),
+    ([*TRAIN_C, "--adversarial", "fgsm_rs", "--adv-steps", "3"], "adv_steps must be 1 with"),
     (["train", "vae", "--dataset", "mnist", "--limit", "-5"], "--limit: must be a positive"),
     (["train", "vae", "--dataset", "mnist", "--gamma", "-1"], "--gamma: must be a non-negative"),
     (["train", "vae", "--dataset", "orl", "--w-consistency", "-1"], "--w-consistency: must be"),

@@ -192,11 +192,12 @@ def test_check_labels_refuses_or_returns_int64_labels(
 
 POSITIVE = {"epochs", "epochs_dgmm", "epochs_vae", "batch_size", "vae_train", "val", "cle"}
 POSITIVE |= {"limit", "in_channels", "num_classes", "width", "z_s_dim", "z_u_dim", "map_size"}
-POSITIVE |= {"tc_hidden", "lr", "lr_dgmm", "lr_vae", "lr_tc"}
+POSITIVE |= {"tc_hidden", "lr", "lr_dgmm", "lr_vae", "lr_tc", "adv_eps", "adv_step", "adv_steps"}
 CHOICES = {
     "optimizer": {"adam", "sgd"},
     "variant": {"vector", "maps"},
     "arch": {"cw_mnist", "small_resnet", "small_vgg"},
+    "adversarial": {"none", "fgsm_rs", "pgd"},
 }
 
 
@@ -211,6 +212,8 @@ def well_typed(cfg: Any) -> None:
             assert value in CHOICES[f.name], f.name
         if kind == "int | None":
             assert value is None or (type(value) is int), f.name
+        elif kind == "float | None":
+            assert value is None or (type(value) in (int, float) and math.isfinite(value)), f.name
         elif kind == "int":
             assert type(value) is int, f.name
         elif kind == "float":

@@ -13,9 +13,11 @@ from fmdefense.cli.common import (
     non_negative_float,
     non_negative_int,
     positive_int,
+    probability,
 )
 from fmdefense.cli.fbgan import add_train_fbgan
 from fmdefense.core.device import resolve_device
+from fmdefense.core.errors import InputError
 
 
 def classifier_command(args: argparse.Namespace) -> None:
@@ -23,15 +25,30 @@ def classifier_command(args: argparse.Namespace) -> None:
     from fmdefense.training.jobs import run_train_classifier
 
     out = default_out(args.out, args.dataset, "classifier")
+    _check_adversarial_options(args)
+    overrides = {
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "adversarial": args.adversarial,
+        "adv_eps": args.adv_eps,
+        "adv_step": args.adv_step,
+        "adv_steps": args.adv_steps,
+    }
     metrics = run_train_classifier(
         args.dataset,
         out,
         resolve_device(args.device),
-        epochs=args.epochs,
-        seed=args.seed,
+        overrides=overrides,
         data_dir=args.data_dir,
     )
-    print(f"{args.dataset}: test accuracy {metrics['test_accuracy']:.4f} -> {out}")
+    line = f"{args.dataset}: test accuracy {metrics['test_accuracy']:.4f}"
+    if "test_pgd" in metrics:
+        pgd = metrics["test_pgd"]
+        line += (
+            f", under PGD-{pgd['steps']} at eps {pgd['eps']:g} {pgd['accuracy']:.4f} "
+            f"(first {pgd['images']} test images)"
+        )
+    print(f"{line} -> {out}")
 
 
 def vae_command(args: argparse.Namespace) -> None:
@@ -85,6 +102,43 @@ def _out(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--out", type=Path, default=None, help=f"artifact folder (runs/D/{default})")
 
 
+ADV_OPTIONS = ("adv_eps", "adv_step", "adv_steps")
+ADVERSARIAL = ("none", "fgsm_rs", "pgd")  # training.loops.ADVERSARIAL, without importing torch
+
+
+def _check_adversarial_options(args: argparse.Namespace) -> None:
+    """--adv-* without adversarial training is an error, not silently recorded."""
+    given = [k for k in ADV_OPTIONS if getattr(args, k) is not None]
+    if given and args.adversarial in (None, "none"):
+        flag = "--" + given[0].replace("_", "-")
+        raise InputError(f"{flag} does not apply without --adversarial fgsm_rs or pgd")
+
+
+def _adversarial_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--adversarial",
+        choices=ADVERSARIAL,
+        default=None,
+        help="adversarial training: FGSM with random start (Wong et al. 2020) or PGD-k "
+        "(Madry et al. 2018); default none",
+    )
+    p.add_argument(
+        "--adv-eps", type=probability, default=None, help="L∞ radius on [0, 1] images (0.3)"
+    )
+    p.add_argument(
+        "--adv-step",
+        type=probability,
+        default=None,
+        help="step size α (default 1.25·ε for fgsm_rs, 2.5·ε/k for pgd)",
+    )
+    p.add_argument(
+        "--adv-steps",
+        type=positive_int,
+        default=None,
+        help="k, steps of pgd (default 1; fgsm_rs takes exactly 1)",
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `train classifier|vae|magnet|defensegan`."""
     train = sub.add_parser("train", help="train models").add_subparsers(dest="what", required=True)
@@ -93,6 +147,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _out(p, "classifier")
     p.add_argument("--epochs", type=positive_int, default=None)
     p.add_argument("--seed", type=non_negative_int, default=None)
+    _adversarial_options(p)
     add_common(p)
     p.set_defaults(func=classifier_command)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,13 @@ from fmdefense.core.paths import classifier_dir
 from fmdefense.core.provenance import provenance
 from fmdefense.data import load_raw, split_tensors
 from fmdefense.models.classifiers import Classifier, build_classifier
+from fmdefense.training.adversarial import pgd_check
 from fmdefense.training.loops import TRAIN_CONFIGS, accuracy, train_classifier
 
 log = logging.getLogger(__name__)
+
+
+TEST_PGD_CHECK = (1_000, 20)  # test images and PGD steps of an adversarial run's quick check
 
 
 def run_train_classifier(
@@ -26,16 +31,20 @@ def run_train_classifier(
     out_dir: Path,
     device: torch.device,
     *,
-    epochs: int | None = None,
-    seed: int | None = None,
+    overrides: Mapping[str, Any] | None = None,
     data_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Train the dataset's classifier on its training split and save the artifact."""
+    """Train the dataset's classifier on its training split and save the artifact.
+
+    `overrides` replace fields of the dataset's `TrainConfig` (None values are ignored). An
+    adversarially trained classifier's metrics also hold `test_pgd`: accuracy on the first test
+    images under one random-start PGD at its ε (a quick upper bound, not the adaptive evaluation).
+    """
     if dataset not in TRAIN_CONFIGS:
         known = ", ".join(TRAIN_CONFIGS)
         raise InputError(f"no classifier training settings for {dataset!r}; known: {known}")
-    overrides = {k: v for k, v in (("epochs", epochs), ("seed", seed)) if v is not None}
-    cfg = replace_fields(TRAIN_CONFIGS[dataset], overrides, "classifier training config")
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    cfg = replace_fields(TRAIN_CONFIGS[dataset], given, "classifier training config")
     model = build_classifier(dataset)  # before the data: a bad request fails at once
     ds = load_raw(dataset, data_dir=data_dir)
     train = split_tensors(ds, "classifier_train")
@@ -51,6 +60,11 @@ def run_train_classifier(
         **result,
         **provenance(),
     }
+    if cfg.perturbation is not None:
+        n, steps = TEST_PGD_CHECK
+        metrics["test_pgd"] = pgd_check(
+            model, x_test[:n], y_test[:n], cfg.adv_eps, steps, seed=cfg.seed
+        )
     model.cpu().save(out_dir, metrics)
     (Path(out_dir) / RESUME_FILE).unlink(missing_ok=True)
     log.info("%s classifier: test accuracy %.4f -> %s", dataset, metrics["test_accuracy"], out_dir)

@@ -14,18 +14,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmdefense.core.artifacts import RESUME_FILE, load_resume_state, save_resume_state
-from fmdefense.core.config import check_bool, check_choice, check_int, check_range
+from fmdefense.core.config import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_range,
+    dataclass_kwargs,
+)
 from fmdefense.core.errors import InputError
 from fmdefense.core.progress import progress
 from fmdefense.core.validation import check_images
 from fmdefense.models.classifiers import Classifier
+from fmdefense.training.adversarial import Perturbation, perturb, pgd, pgd_check
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings of a classifier run (all recorded in the artifact)."""
+    """Optimisation settings of a classifier run (all recorded in the artifact).
+
+    With `adversarial` other than "none" every batch is replaced by its perturbation before the
+    update (adversarial training, see `fmdefense.training.adversarial`): "fgsm_rs" is Wong et al.'s
+    FGSM with a random start (one step, α = 1.25 ε unless `adv_step` is given), "pgd" is Madry et
+    al.'s PGD-k with k = `adv_steps` (α = 2.5 ε / k unless given). ε = `adv_eps` on [0, 1] images.
+    """
 
     epochs: int = 12
     batch_size: int = 128
@@ -35,6 +48,10 @@ class TrainConfig:
     shift: int = 2  # random translation in pixels (augmentation); 0 disables
     hflip: bool = False
     seed: int = 0
+    adversarial: str = "none"  # none | fgsm_rs | pgd
+    adv_eps: float = 0.3  # L∞ radius of the training perturbation
+    adv_step: float | None = None  # None: 1.25 ε (fgsm_rs) or 2.5 ε / adv_steps (pgd)
+    adv_steps: int = 1  # gradient steps per batch; fgsm_rs takes exactly one
 
     def __post_init__(self) -> None:
         """Every field checked: a bad value fails here, naming the field and what is allowed."""
@@ -46,9 +63,42 @@ class TrainConfig:
         check_int("shift", self.shift, low=0, high=64)
         check_bool("hflip", self.hflip)
         check_int("seed", self.seed, low=0, high=2**63 - 1)
+        self._check_adversarial()
+
+    def _check_adversarial(self) -> None:
+        check_choice("adversarial", self.adversarial, ADVERSARIAL)
+        check_range("adv_eps", self.adv_eps, 0.0, 1.0, low_open=True)
+        if self.adv_step is not None:  # a step beyond 1 moves nothing further on [0, 1] images
+            check_range("adv_step", self.adv_step, 0.0, 1.0, low_open=True)
+        check_int("adv_steps", self.adv_steps, low=1, high=1_000)
+        if self.adversarial == "fgsm_rs" and self.adv_steps != 1:
+            raise InputError(
+                f"adv_steps must be 1 with adversarial='fgsm_rs' (one FGSM step), got "
+                f"{self.adv_steps}; use adversarial='pgd' for more steps"
+            )
+
+    @property
+    def perturbation(self) -> Perturbation | None:
+        """The resolved training perturbation (None without adversarial training)."""
+        if self.adversarial == "none":
+            return None
+        if self.adv_step is not None:
+            return Perturbation(self.adv_eps, self.adv_step, self.adv_steps)
+        if self.adversarial == "fgsm_rs":
+            return Perturbation(self.adv_eps, 1.25 * self.adv_eps, 1)
+        return pgd(self.adv_eps, self.adv_steps)
+
+    @classmethod
+    def from_dict(cls, raw: object, what: str = "classifier training config") -> TrainConfig:
+        """Rebuild a recorded config; keys added since it was written take their defaults (a
+        config from before adversarial training reads as adversarial="none")."""
+        return cls(**dataclass_kwargs(cls, raw, what))
 
 
 OPTIMIZERS = ("adam", "sgd")
+ADVERSARIAL = ("none", "fgsm_rs", "pgd")
+CLEAN_CHECK = 10_000  # training images whose clean accuracy an adversarial run logs per epoch
+PGD_CHECK = (1_000, 10)  # VAL images and PGD steps of the per-epoch robustness check
 
 
 TRAIN_CONFIGS: dict[str, TrainConfig] = {
@@ -114,6 +164,111 @@ def _checked(model: Classifier, data: object, name: str) -> tuple[torch.Tensor, 
     return x, model.check_labels(data[1], len(x), f"{name} labels")
 
 
+def _resumable(saved: object, cfg: TrainConfig) -> bool:
+    """A resume state's recorded config is `cfg` (one written before a field existed counts as
+    that field's default)."""
+    try:
+        return TrainConfig.from_dict(saved) == cfg
+    except InputError:
+        return False
+
+
+def _step(
+    model: Classifier,
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    cfg: TrainConfig,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One update on the batch (its perturbation when adversarial); its loss and logits."""
+    p = cfg.perturbation
+    if p is not None:
+        xb = perturb(model, xb, yb, p, gen)  # train mode, as Wong et al.
+    logits = model(xb)
+    loss = F.cross_entropy(logits, yb)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss, logits
+
+
+def _epoch(
+    model: Classifier,
+    train: tuple[torch.Tensor, torch.Tensor],
+    cfg: TrainConfig,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    gen: torch.Generator,
+    desc: str,
+) -> tuple[float, float]:
+    """One pass over `train` in train mode; mean loss and accuracy of the batches trained on."""
+    x_train, y_train = train
+    device = next(model.parameters()).device
+    model.train()
+    total, correct, loss_sum = 0, 0, 0.0
+    bar = progress(
+        _batches(len(x_train), cfg.batch_size, gen),
+        total=(len(x_train) + cfg.batch_size - 1) // cfg.batch_size,
+        desc=desc,
+        unit="batch",
+        leave=False,
+    )
+    for idx in bar:
+        xb = augment(x_train[idx], cfg.shift, cfg.hflip, gen).to(device)
+        yb = y_train[idx].to(device)
+        loss, logits = _step(model, xb, yb, cfg, opt, gen)
+        sched.step()
+        total += len(idx)
+        correct += int((logits.argmax(1) == yb).sum())
+        loss_sum += loss.item() * len(idx)
+        bar.set_postfix(loss=f"{loss_sum / total:.4f}", acc=f"{correct / total:.4f}")
+    return loss_sum / total, correct / total
+
+
+def _epoch_row(
+    model: Classifier,
+    epoch: int,
+    fit: tuple[float, float],
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    cfg: TrainConfig,
+) -> dict[str, float]:
+    """The history row. An adversarial run's loss and accuracy are those of the perturbed batches;
+    it adds clean accuracy on the first `CLEAN_CHECK` (unaugmented) training images and accuracy on
+    the first VAL images under a random-start PGD (`PGD_CHECK`), both in eval mode: a collapse of
+    the latter while training accuracy holds is catastrophic overfitting (Wong et al. 2020)."""
+    if cfg.perturbation is None:
+        return {
+            "epoch": epoch,
+            "train_loss": fit[0],
+            "train_acc": fit[1],
+            "val_acc": accuracy(model, *val),
+        }
+    n, steps = PGD_CHECK
+    robust = pgd_check(model, val[0][:n], val[1][:n], cfg.adv_eps, steps, seed=cfg.seed)
+    return {
+        "epoch": epoch,
+        "train_adv_loss": fit[0],
+        "train_adv_acc": fit[1],
+        "train_clean_acc": accuracy(model, train[0][:CLEAN_CHECK], train[1][:CLEAN_CHECK]),
+        "val_acc": accuracy(model, *val),
+        "val_pgd_acc": robust["accuracy"],
+    }
+
+
+def _warn_overfitting(history: list[dict[str, float]]) -> None:
+    """Log a warning when PGD accuracy on VAL fell by more than 0.2 below its best epoch."""
+    robust = [r["val_pgd_acc"] for r in history if "val_pgd_acc" in r]
+    if robust and robust[-1] < max(robust) - 0.2:
+        log.warning(
+            "PGD accuracy on VAL fell from %.3f to %.3f: catastrophic overfitting? (Wong et al. "
+            "2020); try fewer epochs, a smaller --adv-step or --adversarial pgd",
+            max(robust),
+            robust[-1],
+        )
+
+
 def train_classifier(
     model: Classifier,
     train: tuple[torch.Tensor, torch.Tensor],
@@ -128,12 +283,12 @@ def train_classifier(
     """
     if not isinstance(cfg, TrainConfig):
         raise InputError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
-    x_train, y_train = _checked(model, train, "train")
+    train = _checked(model, train, "train")
     val = _checked(model, val, "val")
     torch.manual_seed(cfg.seed)
     model.to(device)
     opt = _make_optimizer(model, cfg)
-    steps_per_epoch = (len(x_train) + cfg.batch_size - 1) // cfg.batch_size
+    steps_per_epoch = (len(train[0]) + cfg.batch_size - 1) // cfg.batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15
     )
@@ -141,7 +296,7 @@ def train_classifier(
     history: list[dict[str, float]] = []
     start = 0
     state = load_resume_state(out_dir)
-    if state is not None and state.get("train_config") == asdict(cfg):
+    if state is not None and _resumable(state.get("train_config"), cfg):
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -151,44 +306,16 @@ def train_classifier(
         log.info("resuming from epoch %d of %d (%s)", start, cfg.epochs, out_dir / RESUME_FILE)
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
-        model.train()
-        total, correct, loss_sum = 0, 0, 0.0
-        bar = progress(
-            _batches(len(x_train), cfg.batch_size, gen),
-            total=steps_per_epoch,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            unit="batch",
-            leave=False,
-        )
-        for idx in bar:
-            xb = augment(x_train[idx], cfg.shift, cfg.hflip, gen).to(device)
-            yb = y_train[idx].to(device)
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += len(idx)
-            correct += int((logits.argmax(1) == yb).sum())
-            loss_sum += loss.item() * len(idx)
-            bar.set_postfix(loss=f"{loss_sum / total:.4f}", acc=f"{correct / total:.4f}")
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / total,
-            "train_acc": correct / total,
-            "val_acc": accuracy(model, *val),
-            "seconds": time.perf_counter() - t0,
-        }
+        fit = _epoch(model, train, cfg, opt, sched, gen, f"epoch {epoch + 1}/{cfg.epochs}")
+        row = _epoch_row(model, epoch + 1, fit, train, val, cfg)
+        row["seconds"] = time.perf_counter() - t0
         history.append(row)
         log.info(
-            "epoch %d: loss %.4f train %.4f val %.4f (%.0f s)",
+            "epoch %d: %s",
             row["epoch"],
-            row["train_loss"],
-            row["train_acc"],
-            row["val_acc"],
-            row["seconds"],
+            ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch"),
         )
+        _warn_overfitting(history)
         save_resume_state(
             out_dir,
             {
@@ -203,4 +330,7 @@ def train_classifier(
             },
         )
     model.eval()
-    return {"history": history, "train_config": asdict(cfg)}
+    result: dict[str, Any] = {"history": history, "train_config": asdict(cfg)}
+    if cfg.perturbation is not None:
+        result["perturbation"] = asdict(cfg.perturbation)
+    return result
