@@ -46,13 +46,19 @@ def log_pvalues(reference: torch.Tensor, s: torch.Tensor, tail: str = "empirical
     log_p = ((1 + n_ref - below).double() / (n_ref + 1)).log()  # (n, k)
     if tail == "empirical":
         return log_p
+    top, beta = tail_scale(ref)
+    beyond = -(s - top) / beta - math.log(n_ref + 1)  # (n, k)
+    return torch.where(s > top, beyond, log_p)
+
+
+def tail_scale(ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exponential tail's start (the largest reference value) and scale β per column, from
+    the reference sorted ascending (n_ref, k) -> (k,), (k,)."""
     top = ref[-1]  # (k,)
     u = torch.quantile(ref, 1 - TAIL_SHARE, dim=0)  # (k,)
     excess = (ref - u).clamp(min=0)  # (n_ref, k)
     beta = excess.sum(0) / (ref > u).sum(0).clamp(min=1)  # (k,) mean excess over u
-    beta = beta.clamp(min=1e-12 * top.abs().clamp(min=1.0))  # a constant column: a sharp tail
-    beyond = -(s - top) / beta - math.log(n_ref + 1)  # (n, k)
-    return torch.where(s > top, beyond, log_p)
+    return top, beta.clamp(min=1e-12 * top.abs().clamp(min=1.0))  # constant column: sharp tail
 
 
 def combine(log_p: torch.Tensor, rule: str) -> torch.Tensor:

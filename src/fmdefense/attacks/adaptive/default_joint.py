@@ -78,6 +78,7 @@ import torch
 from torch import nn
 
 from fmdefense.attacks.adaptive.base import Pool, check_weight, device_of
+from fmdefense.attacks.adaptive.fused_surrogate import raw_from_linked, smooth_statistic
 from fmdefense.attacks.adaptive.losses import best_wrong_class, margin
 from fmdefense.attacks.adaptive.stealth import StealthPGD
 from fmdefense.core.config import check_choice, check_range
@@ -186,6 +187,8 @@ class DefaultJointPGD(StealthPGD):
     bits_tau: float
     lock_at: float
     first_at_input: bool
+    w_fused: float
+    fused_margin: float
 
     def __init__(
         self,
@@ -200,6 +203,8 @@ class DefaultJointPGD(StealthPGD):
         bits_tau: float = 0.05,  # sigmoid temperature of round's surrogate gradient; 0: identity
         lock_at: float = 0.5,  # share of steps fooling C and C∘round before the lock; 0: off
         first_at_input: bool = True,  # restart 0 starts at the input (later ones: random_start)
+        w_fused: float = 1.0,  # weight of the hinge on the smoothed fused statistic
+        fused_margin: float = 0.5,  # ... which pulls it under threshold − fused_margin
         **stealth: Any,
     ) -> None:
         check_range("quantile", quantile, 0.5, 1.0, low_open=True, high_open=True)
@@ -207,6 +212,8 @@ class DefaultJointPGD(StealthPGD):
         check_weight("w_purify", w_purify)
         check_range("bits_tau", bits_tau, 0.0, 1.0)
         check_range("lock_at", lock_at, 0.0, 1.0, high_open=True)
+        check_weight("w_fused", w_fused)
+        check_weight("fused_margin", fused_margin)
         super().__init__(classifier, defense, w_stealth=w_stealth, **stealth)
         self._keep(
             quantile=quantile,
@@ -216,6 +223,8 @@ class DefaultJointPGD(StealthPGD):
             bits_tau=bits_tau,
             lock_at=lock_at,
             first_at_input=bool(first_at_input),
+            w_fused=w_fused,
+            fused_margin=fused_margin,
         )
         self.step_ = 0
 
@@ -355,10 +364,14 @@ class DefaultJointPGD(StealthPGD):
             return self.phase_one_loss(x_adv, y)
         linked, logits, purified_logits = self.linked_scores(x_adv, y)
         total = self.w_cls * margin(logits.float(), y, self.kappa)  # (n,)
-        stealth = self.excess(linked).sum(1)
+        stealth = self.w_stealth * self.excess(linked).sum(1)
+        if self.w_fused > 0:  # the decision itself: the fused statistic under its threshold
+            fused = smooth_statistic(self.default, raw_from_linked(linked, self.default.names_))
+            over = fused - (self.default.threshold_ - self.fused_margin)
+            stealth = stealth + self.w_fused * over.clamp(min=0).float()
         if self.selective:  # hide only what already fools C (Bryniarski et al. 2022)
             stealth = stealth * (logits.detach().argmax(1) != y)
-        total = total + self.w_stealth * stealth
+        total = total + stealth
         if self.default.config.purify != "reject" and self.w_purify > 0:
             total = total + self.w_purify * margin(purified_logits.float(), y, self.kappa)
         return total
