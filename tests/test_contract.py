@@ -77,6 +77,20 @@ def _fbgan() -> tuple[Defense, Callable[[Path], Defense]]:
     return d, lambda folder: FBGANDefense.load(folder, clf)
 
 
+def _ensemble() -> tuple[Defense, Callable[[Path], Defense]]:
+    from fmdefense.defenses.ensemble import EnsembleConfig, EnsembleDefense
+
+    clf, vaes = ToyClassifier(), [ToyComboVAE(), ToyComboVAE()]
+    with torch.no_grad():
+        vaes[1].bias.fill_(0.05)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        aes = (autoencoder_i(1), autoencoder_ii(1))
+    cfg = EnsembleConfig(mode="random", member=DefaultConfig(alpha=0.2))
+    d = EnsembleDefense(clf, vaes, aes, cfg, vae_dirs=[Path("vae-0"), Path("vae-1")])
+    return d, lambda folder: EnsembleDefense.load(folder, clf, vaes=vaes)
+
+
 BUILDERS: dict[str, Callable[[], tuple[Defense, Callable[[Path], Defense]]]] = {
     "fm": _fm,
     "recon": _recon,
@@ -84,6 +98,7 @@ BUILDERS: dict[str, Callable[[], tuple[Defense, Callable[[Path], Defense]]]] = {
     "magnet": _magnet,
     "defensegan": _defensegan,
     "fbgan": _fbgan,
+    "ensemble": _ensemble,
 }
 # Defenses whose accepted label is not C(x): MagNet's is C(AE_I(x)), Defense-GAN's C(G(z*)).
 RELABELS = ("default", "magnet", "defensegan", "fbgan")

@@ -37,7 +37,15 @@ def decision_counts(dec: Decision, y: torch.Tensor) -> dict[str, Any]:
     wrong = fooled(dec.label, y)
     accepted, purified = dec.action == ACCEPT, dec.action == PURIFY
     n = len(y)
-    flagged = {k: int(v.sum()) for k, v in dec.details.items() if v.dtype == torch.bool}
+    flagged: dict[str, Any] = {
+        k: int(v.sum()) for k, v in dec.details.items() if v.dtype == torch.bool and v.dim() == 1
+    }
+    members = dec.details.get("member_flags")  # (n, K) an ensemble's per-member verdicts
+    if members is not None:  # what each member alone would accept wrong (C(x) is the label)
+        wrong_input = dec.input_label.cpu() != y
+        flagged["member_accepted_wrong"] = [
+            int((~members[:, k].cpu() & wrong_input).sum()) for k in range(members.shape[1])
+        ]
     return {
         "actions": dec.counts(),
         "accept_action_rate": float(accepted.float().mean()) if n else 0.0,  # as is, unpurified

@@ -1,6 +1,7 @@
 """`fmdefense calibrate` (fit a defense on clean VAL) and `fmdefense defend` (decide on inputs).
 
 fmdefense calibrate --dataset mnist --defense-kind default --out runs/mnist/default
+fmdefense calibrate --dataset mnist --defense-kind ensemble --members A B C --out runs/mnist/ens
 fmdefense defend --images my_digits/ --out decisions.csv          # the pretrained default
 fmdefense defend --dataset mnist --input runs/mnist/attacks/fgsm --defense runs/mnist/defense
 """
@@ -29,6 +30,7 @@ from fmdefense.core.device import resolve_device
 from fmdefense.core.errors import InputError
 from fmdefense.core.precision import PRECISIONS
 from fmdefense.defenses.default import PURIFY_POLICIES, DefaultConfig
+from fmdefense.defenses.ensemble import MODES
 from fmdefense.defenses.fm.config import FMDefenseConfig
 from fmdefense.defenses.fm.thresholds import THRESHOLD_MODES
 from fmdefense.defenses.fusion import COMBINERS, TAILS
@@ -36,6 +38,7 @@ from fmdefense.defenses.fusion import COMBINERS, TAILS
 # Options of one defense kind only (None when not given), with their config defaults
 FM_OPTIONS = ("codes", "n_morphs", "rho", "threshold_mode", "precision")
 DEFAULT_OPTIONS = ("alpha", "combine", "tails", "purify", "magnet", "no_magnet")
+ENSEMBLE_OPTIONS = ("members", "mode")
 
 
 def _classifier(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
@@ -50,7 +53,11 @@ def _given(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
 
 def _check_kind_options(args: argparse.Namespace) -> None:
     """Options of the other defense kind are an error, not silently ignored."""
-    other = DEFAULT_OPTIONS if args.defense_kind == "fm" else FM_OPTIONS
+    other = {
+        "fm": DEFAULT_OPTIONS + ENSEMBLE_OPTIONS,
+        "default": FM_OPTIONS + ENSEMBLE_OPTIONS,
+        "ensemble": (*FM_OPTIONS, "purify", "vae"),
+    }[args.defense_kind]
     wrong = sorted(_given(args, other))
     if wrong:
         flag = "--" + wrong[0].replace("_", "-")
@@ -112,14 +119,46 @@ def _calibrate_default(args: argparse.Namespace, device: torch.device, out: Path
     )
 
 
+def _calibrate_ensemble(args: argparse.Namespace, device: torch.device, out: Path) -> None:
+    from fmdefense.core.paths import model_dir
+    from fmdefense.defenses.ensemble import EnsembleConfig
+    from fmdefense.defenses.jobs import load_autoencoders, run_calibrate_ensemble
+
+    if not args.members:
+        raise InputError("--defense-kind ensemble needs --members (the combo-VAE folders)")
+    clf = _classifier(args, device)
+    aes = None
+    if not args.no_magnet:
+        aes = load_autoencoders(args.magnet or model_dir(args.dataset, "magnet"), clf)
+    config = EnsembleConfig(mode=args.mode or "random", member=_default_config(args))
+    d = run_calibrate_ensemble(
+        args.dataset,
+        out,
+        device,
+        config,
+        members=args.members,
+        autoencoders=aes,
+        val_limit=args.val_limit,
+        classifier=clf,
+        data_dir=args.data_dir,
+    )
+    print(
+        f"ensemble ({config.mode}, {len(d.members_)} members, member α "
+        f"{d.member_config.alpha:g}) calibrated on VAL: held-out VAL false-positive rate "
+        f"{d.val_fpr_:.4f} -> {out}"
+    )
+
+
 def calibrate_command(args: argparse.Namespace) -> None:
     """Fit FM-Defense or the default defense on the clean VAL split and save it."""
     _check_kind_options(args)
     device = resolve_device(args.device)
-    folder = "defense" if args.defense_kind == "fm" else "default"
+    folder = {"fm": "defense", "default": "default", "ensemble": "ensemble"}[args.defense_kind]
     out = default_out(args.out, args.dataset, folder)
     if args.defense_kind == "fm":
         _calibrate_fm(args, device, out)
+    elif args.defense_kind == "ensemble":
+        _calibrate_ensemble(args, device, out)
     else:
         _calibrate_default(args, device, out)
 
@@ -199,9 +238,10 @@ def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
         "--defense-kind",
         "--defense",
         dest="defense_kind",
-        choices=("fm", "default"),
+        choices=("fm", "default", "ensemble"),
         default="fm",
-        help="fm: FM-Defense (the paper's); default: the fused one-decode default defense",
+        help="fm: FM-Defense (the paper's); default: the fused one-decode default defense; "
+        "ensemble: one default per combo-VAE of --members",
     )
     p.add_argument("--out", type=Path, default=None, help="defense folder (runs/D/defense|default)")
     p.add_argument("--val-limit", type=positive_int, default=None, help="use only N VAL images")
@@ -221,6 +261,9 @@ def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
     de.add_argument("--purify", choices=PURIFY_POLICIES, default=None, help="policy (reject)")
     de.add_argument("--magnet", type=Path, default=None, help="MagNet folder (weights/D/magnet)")
     de.add_argument("--no-magnet", action="store_true", help="fuse no autoencoder scores")
+    en = p.add_argument_group("combo-VAE ensemble (--defense-kind ensemble; default options too)")
+    en.add_argument("--members", type=Path, nargs="+", default=None, help="combo-VAE folders")
+    en.add_argument("--mode", choices=MODES, default=None, help="random (default) or all")
     add_common(p)
     add_executor(p)
     p.set_defaults(func=calibrate_command)

@@ -201,6 +201,25 @@ class DefaultDefense(Defense):
         )
         self.val_fpr_ = float(flagged.float().mean())
 
+    @classmethod
+    def from_calibration(
+        cls,
+        classifier: nn.Module,
+        vae: Any,
+        autoencoders: tuple[nn.Module, nn.Module] | None,
+        config: DefaultConfig,
+        calibration: dict[str, Any],
+    ) -> DefaultDefense:
+        """A fitted default from stored VAL scores (`calibration`: names, reference (n, k),
+        calibration (m, k), fingerprints), thresholds recomputed at `config`'s α."""
+        defense = cls(classifier, vae, autoencoders, config)
+        defense.names_ = [str(n) for n in calibration["names"]]
+        defense.reference_ = calibration["reference"]
+        defense.calibration_ = calibration["calibration"]
+        defense.fingerprints_ = dict(calibration["fingerprints"])
+        defense._set_thresholds()
+        return defense
+
     def with_config(self, **changes: Any) -> DefaultDefense:
         """A copy at another operating point (α, combination, tails, policy, η), from the stored VAL
         scores; what is scored cannot change this way."""
@@ -306,7 +325,6 @@ class DefaultDefense(Defense):
         autoencoders = (
             _autoencoders(t, int(raw.get("in_channels", 1))) if raw.get("autoencoders") else None
         )
-        defense = cls(classifier, vae, autoencoders, config)
         if strict:
             for name, module in (("classifier", classifier), ("vae", vae)):
                 if fingerprint(module) != raw.get("fingerprints", {}).get(name):
@@ -314,23 +332,32 @@ class DefaultDefense(Defense):
                         f"{folder} was calibrated for another {name}'s weights; recalibrate it "
                         "(fmdefense calibrate --defense default) or pass strict=False"
                     )
-        names, ref = raw.get("names"), t.get("reference")
-        if (
-            not isinstance(names, list)
-            or ref is None
-            or ref.dim() != 2
-            or ref.shape[1] != len(names)
-        ):
-            raise ArtifactError(f"{folder}: the reference scores do not match their names")
-        cal = t.get("calibration")
-        if cal is None or cal.dim() != 2 or cal.shape[1] != ref.shape[1]:
-            raise ArtifactError(f"{folder}: the held-out calibration scores are missing")
-        if not (bool(torch.isfinite(ref).all()) and bool(torch.isfinite(cal).all())):
-            raise ArtifactError(f"{folder}: the calibration holds NaN or infinite scores")
-        defense.names_, defense.reference_, defense.calibration_ = [str(n) for n in names], ref, cal
-        defense.fingerprints_ = dict(raw["fingerprints"])
-        defense._set_thresholds()
-        return defense
+        names, ref, cal = raw.get("names"), t.get("reference"), t.get("calibration")
+        check_calibration(str(folder), names, ref, cal)
+        stored = {"names": names, "reference": ref, "calibration": cal}
+        return cls.from_calibration(
+            classifier,
+            vae,
+            autoencoders,
+            config,
+            {**stored, "fingerprints": raw.get("fingerprints", {})},
+        )
+
+
+def check_calibration(where: str, names: object, ref: object, cal: object) -> None:
+    """Stored VAL scores that can calibrate a default: names (k,), reference (n, k) and held-out
+    calibration (m, k), finite (ArtifactError naming `where` otherwise)."""
+    if (
+        not isinstance(names, list)
+        or not isinstance(ref, torch.Tensor)
+        or ref.dim() != 2
+        or ref.shape[1] != len(names)
+    ):
+        raise ArtifactError(f"{where}: the reference scores do not match their names")
+    if not isinstance(cal, torch.Tensor) or cal.dim() != 2 or cal.shape[1] != ref.shape[1]:
+        raise ArtifactError(f"{where}: the held-out calibration scores are missing")
+    if not (bool(torch.isfinite(ref).all()) and bool(torch.isfinite(cal).all())):
+        raise ArtifactError(f"{where}: the calibration holds NaN or infinite scores")
 
 
 def _autoencoders(t: dict[str, torch.Tensor], channels: int) -> tuple[nn.Module, nn.Module]:

@@ -24,6 +24,7 @@ from fmdefense.data.user import UserImages
 from fmdefense.defenses.base import ACTIONS, Decision, Defense
 from fmdefense.defenses.decision_table import write_decisions_csv
 from fmdefense.defenses.default import DefaultConfig, DefaultDefense
+from fmdefense.defenses.ensemble import EnsembleConfig, EnsembleDefense
 from fmdefense.defenses.fm.config import FMDefenseConfig
 from fmdefense.defenses.fm.detector import FMDefense
 from fmdefense.defenses.registry import defense_class, load_defense, needs_vae
@@ -157,6 +158,35 @@ def run_calibrate_default(
     defense.save(out_dir)
     log.info(
         "default defense calibrated on %d VAL images in %.0f s -> %s",
+        len(x_val),
+        time.perf_counter() - t0,
+        out_dir,
+    )
+    return defense
+
+
+def run_calibrate_ensemble(
+    dataset: str,
+    out_dir: Path,
+    device: torch.device,
+    config: EnsembleConfig,
+    *,
+    members: list[Path],
+    autoencoders: tuple[nn.Module, nn.Module] | None,
+    val_limit: int | None = None,
+    classifier: nn.Module | None = None,
+    data_dir: Path | None = None,
+) -> EnsembleDefense:
+    """Fit one default per combo-VAE folder in `members` on clean VAL; save the ensemble."""
+    clf = classifier if classifier is not None else load_classifier(dataset, device)
+    x_val, _ = val_images(dataset, val_limit, data_dir)
+    vaes = [load_vae(dataset, device, Path(m)) for m in members]
+    t0 = time.perf_counter()
+    defense = EnsembleDefense(clf, vaes, autoencoders, config, [Path(m) for m in members])
+    defense.fit(x_val).save(out_dir)
+    log.info(
+        "ensemble of %d calibrated on %d VAL images in %.0f s -> %s",
+        len(vaes),
         len(x_val),
         time.perf_counter() - t0,
         out_dir,

@@ -16,6 +16,7 @@ from fmdefense.core.errors import ArtifactError, InputError
 from fmdefense.defenses.base import Defense
 from fmdefense.defenses.default import DefaultDefense
 from fmdefense.defenses.defense_gan import DefenseGAN
+from fmdefense.defenses.ensemble import EnsembleDefense
 from fmdefense.defenses.fbgan import FBGANDefense
 from fmdefense.defenses.fm.detector import FMDefense
 from fmdefense.defenses.magnet import MagNet
@@ -28,6 +29,7 @@ DEFENSES: dict[str, type[Defense]] = {
     MagNet.name: MagNet,
     DefenseGAN.name: DefenseGAN,
     FBGANDefense.name: FBGANDefense,
+    EnsembleDefense.name: EnsembleDefense,
 }
 KINDS: dict[str, type[Defense]] = {cls.kind: cls for cls in DEFENSES.values()}
 # Defenses whose `load` needs the combo-VAE beside the classifier (the others hold their networks)

@@ -18,6 +18,7 @@ from fmdefense.defenses.registry import DEFENSES
 # Default artifact folder of each defense under runs/<dataset>/
 DEFAULT_DIRS = {
     "default": "default/defense",
+    "ensemble": "ensemble",
     "fm": "defense",
     "magnet": "magnet",
     "defensegan": "defense_gan",

@@ -1,7 +1,8 @@
 """ADAPTIVE_ATTACKS: registry name → attack class (its factory), and DEFAULT_ATTACK per defense.
 
-- `joint`, `latent`: FM-Defense; `default_joint`: the default defense; `square`: FM-Defense and
-  the default; `magnet_joint`: MagNet; `defensegan_bpda`: Defense-GAN; `fbgan_joint`: FBGAN;
+- `joint`, `latent`: FM-Defense; `default_joint`: the default defense; `ensemble_joint`: the
+  combo-VAE ensemble; `square`: FM-Defense and the default; `magnet_joint`: MagNet;
+  `defensegan_bpda`: Defense-GAN; `fbgan_joint`: FBGAN;
   `cw_transfer`: every defense; `undefended`: no defense (the bare classifier).
 Each factory is called as `factory(classifier, defense, **params)` with its own keyword-only
 hyperparameters; `make_attack` fills the classifier in from the defense.
@@ -18,6 +19,7 @@ from fmdefense.attacks.adaptive.base import AdaptiveAttack, AttackResult, Pool
 from fmdefense.attacks.adaptive.cw_transfer import CWTransfer
 from fmdefense.attacks.adaptive.default_joint import DefaultJointPGD
 from fmdefense.attacks.adaptive.defensegan_bpda import DefenseGANBPDA
+from fmdefense.attacks.adaptive.ensemble_joint import EnsembleJointPGD
 from fmdefense.attacks.adaptive.fbgan_joint import FBGANJointPGD
 from fmdefense.attacks.adaptive.joint import JointPGD
 from fmdefense.attacks.adaptive.latent import LatentPGD
@@ -40,11 +42,13 @@ ADAPTIVE_ATTACKS: dict[str, type[AdaptiveAttack]] = {
         DefenseGANBPDA,
         FBGANJointPGD,
         DefaultJointPGD,
+        EnsembleJointPGD,
     )
 }
 # The adaptive attack each defense is judged by first (the CLI's and the pipeline's default).
 DEFAULT_ATTACK = {
     "default": "default_joint",
+    "ensemble": "ensemble_joint",
     "fm": "joint",
     "magnet": "magnet_joint",
     "defensegan": "defensegan_bpda",
