@@ -105,7 +105,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="fm: a calibrated FMDefense folder (fmdefense calibrate, or RUN/defense); "
         "magnet: a MagNet folder (RUN/magnet); defensegan: a DefenseGAN folder; fbgan: a "
-        "calibrated FBGAN folder (weights/D/fbgan) (default runs/D/defense, runs/D/magnet, "
+        "calibrated FBGAN folder (weights/D/fbgan); ensemble: a calibrated ensemble folder "
+        "(fmdefense calibrate --defense-kind ensemble) (default runs/D/defense, runs/D/magnet, "
         "runs/D/defense_gan, runs/D/fbgan)",
     )
     p.add_argument(
@@ -115,7 +116,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="fm: joint (default), latent, cw_transfer, square; magnet: magnet_joint (default), "
         "cw_transfer; defensegan: defensegan_bpda (default), cw_transfer; fbgan: fbgan_joint "
-        "(default), cw_transfer; all: undefended",
+        "(default), cw_transfer; default: default_joint (default); ensemble: ensemble_joint "
+        "(default); all: undefended",
     )
     p.add_argument("--eps", nargs="+", type=probability, default=list(DEFAULT_EPS))
     p.add_argument(
