@@ -15,7 +15,12 @@ from fmdefense.attacks.defended import outcomes
 from fmdefense.core.errors import ArtifactError, InputError
 from fmdefense.defenses.base import REJECT
 from fmdefense.defenses.default import DefaultConfig
-from fmdefense.defenses.ensemble import EnsembleConfig, EnsembleDefense, draw_members
+from fmdefense.defenses.ensemble import (
+    EnsembleConfig,
+    EnsembleDefense,
+    draw_members,
+    union_alpha,
+)
 from fmdefense.defenses.registry import load_defense
 from fmdefense.models.magnet import autoencoder_i, autoencoder_ii
 from tests.test_adaptive import PATTERN, toy_inputs
@@ -73,9 +78,19 @@ def test_random_mode_gives_the_drawn_members_verdict() -> None:
     assert ens.member_config.alpha == pytest.approx(0.2)
 
 
-def test_all_mode_rejects_what_any_member_flags_at_a_bonferroni_alpha() -> None:
+def test_all_mode_members_take_the_largest_common_rate_whose_union_stays_at_alpha() -> None:
+    ens = toy_ensemble("all")
+    rate, n_cal = ens.member_config.alpha, len(ens.members_[0].calibration_)
+    assert 0 < rate <= 0.2 and ens.val_fpr_ <= 0.2 + 1e-9
+    a = round(rate * n_cal)
+    looser = [m.with_config(alpha=(a + 1) / n_cal) for m in ens.members_]
+    union = torch.stack([m.statistic(m.calibration_) > m.threshold_ for m in looser], 1).any(1)
+    assert float(union.float().mean()) > 0.2  # one more flag per member would pass α
+    assert union_alpha(ens.members_, 0.2) == pytest.approx(rate)
+
+
+def test_all_mode_rejects_what_any_member_flags() -> None:
     ens, x = toy_ensemble("all"), probe()
-    assert ens.member_config.alpha == pytest.approx(0.2 / 3)
     dec = ens.decide(x)
     flags = dec.details["member_flags"]
     assert flags.any(1).any() and not flags.all(1).all()  # the members disagree somewhere
@@ -154,3 +169,28 @@ def test_load_defense_opens_an_ensemble_folder_through_the_registry(tmp_path: Pa
     ens.save(tmp_path / "ens")
     with pytest.raises(ArtifactError):  # the recorded combo-VAE folders do not exist
         load_defense(tmp_path / "ens", ens.classifier)
+
+
+@pytest.mark.parametrize("mode", ["random", "all"])
+def test_the_shipped_mnist_ensembles_load_and_reproduce_their_stored_scores(mode: str) -> None:
+    """End to end on the committed weights: the recorded combo-VAE folders resolve, every
+    member's weights match its fingerprints, and the last member's stored VAL reference scores
+    come out of today's pass; the VAL FPR equals the one recorded at calibration."""
+    import json
+
+    from fmdefense.core.paths import model_dir
+    from fmdefense.data import load_raw, split_tensors
+    from fmdefense.defenses import fusion
+    from fmdefense.defenses.jobs import load_classifier
+
+    folder = model_dir("mnist", "ensemble") / mode
+    ens = EnsembleDefense.load(folder, load_classifier("mnist", torch.device("cpu")))
+    assert len(ens.members_) == 5 and ens.config.mode == mode
+    recorded = json.loads((folder / "metrics.json").read_text())
+    assert ens.val_fpr_ == pytest.approx(recorded["val_fpr_held_out"])
+    assert ens.val_fpr_ <= ens.config.member.alpha + 1e-9
+    x_val = split_tensors(load_raw("mnist"), "val")[0]
+    member = ens.members_[-1]
+    ref_idx = fusion.split_indices(len(x_val), member.config.seed)[0][:32]
+    s = member._score_matrix(x_val[ref_idx], member.names_)
+    assert torch.allclose(s, member.reference_[:32], rtol=1e-5, atol=1e-6)
