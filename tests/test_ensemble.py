@@ -107,6 +107,8 @@ def test_outcomes_count_what_each_member_alone_would_accept_wrong() -> None:
     wrong = dec.input_label != y
     want = [int((~dec.details["member_flags"][:, k] & wrong).sum()) for k in range(3)]
     assert row["member_accepted_wrong"] == want
+    some = (~dec.details["member_flags"] & wrong.view(-1, 1)).any(1)
+    assert row["any_member_accepted_wrong"] == int(some.sum()) >= max(want)
     assert "member_flags" not in row  # a (n, K) detail is not counted as one flag
 
 
@@ -167,7 +169,7 @@ def test_load_defense_opens_an_ensemble_folder_through_the_registry(tmp_path: Pa
     ens = toy_ensemble()
     ens.vae_dirs = [tmp_path / "missing"] * 3
     ens.save(tmp_path / "ens")
-    with pytest.raises(ArtifactError):  # the recorded combo-VAE folders do not exist
+    with pytest.raises(ArtifactError, match="missing"):  # the recorded folders do not exist
         load_defense(tmp_path / "ens", ens.classifier)
 
 
@@ -194,3 +196,28 @@ def test_the_shipped_mnist_ensembles_load_and_reproduce_their_stored_scores(mode
     ref_idx = fusion.split_indices(len(x_val), member.config.seed)[0][:32]
     s = member._score_matrix(x_val[ref_idx], member.names_)
     assert torch.allclose(s, member.reference_[:32], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("vaes", None, "combo-VAEs are not recorded"),
+        ("vaes", "abc", "combo-VAEs are not recorded"),
+        ("in_channels", "one", "in_channels"),
+        ("ensemble", {"mode": "random"}, "'member'"),
+    ],
+)
+def test_a_damaged_ensemble_config_is_an_artifact_error(
+    tmp_path: Path, key: str, value: object, message: str
+) -> None:
+    import json
+
+    ens = toy_ensemble()
+    ens.vae_dirs = [tmp_path / f"vae-{k}" for k in range(3)]
+    ens.save(tmp_path / "ens")
+    path = tmp_path / "ens" / "config.json"
+    meta = json.loads(path.read_text())
+    meta["config"][key] = value
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match=message):
+        EnsembleDefense.load(tmp_path / "ens", ens.classifier, vaes=ens.vaes)

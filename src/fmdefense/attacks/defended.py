@@ -43,9 +43,9 @@ def decision_counts(dec: Decision, y: torch.Tensor) -> dict[str, Any]:
     members = dec.details.get("member_flags")  # (n, K) an ensemble's per-member verdicts
     if members is not None:  # what each member alone would accept wrong (C(x) is the label)
         wrong_input = dec.input_label.cpu() != y
-        flagged["member_accepted_wrong"] = [
-            int((~members[:, k].cpu() & wrong_input).sum()) for k in range(members.shape[1])
-        ]
+        accepted_wrong = ~members.cpu() & wrong_input.view(-1, 1)  # (n, K)
+        flagged["member_accepted_wrong"] = [int(c) for c in accepted_wrong.sum(0)]
+        flagged["any_member_accepted_wrong"] = int(accepted_wrong.any(1).sum())
     return {
         "actions": dec.counts(),
         "accept_action_rate": float(accepted.float().mean()) if n else 0.0,  # as is, unpurified

@@ -9,8 +9,10 @@ DGMM doubt), calibrated on the same clean VAL split. Two modes:
 
 - "random": each input is judged by one member, drawn by a keyed hash of the input's bytes and
   `seed`. Every distinct query gets a fresh draw, while the same input always gets the same
-  verdict (decisions stay reproducible and batch-independent, and resubmitting one input cannot
-  re-roll it). Members are calibrated at α, so the clean FPR stays α.
+  verdict (decisions stay reproducible and batch-independent, and resubmitting the same bytes
+  cannot re-roll it; changing one bit can, so an attacker who can query is bounded by "some
+  member fooled", which evaluations report as `any_member_accepted_wrong`). Members are
+  calibrated at α, so the clean FPR stays α.
 - "all": an input is accepted only if every member accepts it. Members are calibrated at the
   largest common per-member rate α′ ≤ α whose union flags at most α of the held-out VAL half
   (Bonferroni's α / K would be safe but wastes the budget: the members agree on most clean
@@ -56,7 +58,7 @@ MODES = ("random", "all")
 @dataclass(frozen=True)
 class EnsembleConfig:
     """How members are combined; `member` is each member's default config (its α is the
-    ensemble's clean FPR target, divided by K in mode "all")."""
+    ensemble's clean FPR target; in mode "all" the members run at the fitted α′ ≤ α)."""
 
     mode: str = "random"  # random | all
     seed: int = 0  # key of the per-input draw ("random")
@@ -73,7 +75,10 @@ class EnsembleConfig:
     @classmethod
     def from_dict(cls, raw: object) -> EnsembleConfig:
         d = dataclass_kwargs(cls, raw, "EnsembleConfig")
-        d["member"] = DefaultConfig.from_dict(d.get("member", {}))
+        member = d.get("member")
+        if not isinstance(member, dict):
+            raise InputError("EnsembleConfig needs 'member': the members' DefaultConfig object")
+        d["member"] = DefaultConfig.from_dict(member)
         return cls(**d)
 
 
@@ -222,16 +227,28 @@ class EnsembleDefense(Defense):
             config = EnsembleConfig.from_dict(raw.get("ensemble"))
         except InputError as exc:
             raise ArtifactError(f"{folder}/config.json: {exc}") from exc
-        dirs = [folder / str(d) for d in raw.get("vaes", [])]
-        prints = raw.get("fingerprints")
-        if not dirs or not isinstance(prints, list) or len(prints) != len(dirs):
+        recorded, prints = raw.get("vaes"), raw.get("fingerprints")
+        if (
+            not isinstance(recorded, list)
+            or not recorded
+            or not all(isinstance(d, str) for d in recorded)
+            or not isinstance(prints, list)
+            or len(prints) != len(recorded)
+        ):
             raise ArtifactError(f"{folder}: the members' combo-VAEs are not recorded")
+        channels = raw.get("in_channels", 1)
+        if type(channels) is not int or channels < 1:
+            raise ArtifactError(f"{folder}: in_channels must be a positive integer")
+        dirs = [folder / d for d in recorded]
         if vaes is None:
             vaes = [_load_vae(d, classifier) for d in dirs]
         if len(vaes) != len(dirs):
             raise InputError(f"{folder} has {len(dirs)} members, got {len(vaes)} combo-VAEs")
         t = load_tensors(folder / "model.safetensors")
-        aes = _autoencoders(t, int(raw.get("in_channels", 1))) if raw.get("autoencoders") else None
+        aes = _autoencoders(t, channels) if raw.get("autoencoders") else None
+        if aes is not None:  # beside the classifier, wherever it is
+            device = next(classifier.parameters(), torch.empty(0)).device
+            aes = (aes[0].to(device), aes[1].to(device))
         ensemble = cls(classifier, vaes, aes, config, dirs)
         ensemble._set_members(
             [_member(ensemble, k, vae, t, raw, prints[k], folder) for k, vae in enumerate(vaes)]
@@ -259,6 +276,10 @@ def _member(
             )
     names, ref, cal = raw.get("names"), t.get(f"m{k}.reference"), t.get(f"m{k}.calibration")
     check_calibration(f"{folder} member {k}", names, ref, cal)
+    first = t.get("m0.calibration")
+    assert cal is not None and first is not None  # checked above (member 0 first)
+    if cal.shape != first.shape:
+        raise ArtifactError(f"{folder}: member {k} was calibrated on other VAL images")
     stored = {"names": names, "reference": ref, "calibration": cal, "fingerprints": prints}
     return DefaultDefense.from_calibration(
         ensemble.classifier, vae, ensemble.autoencoders, ensemble.config.member, stored
@@ -271,12 +292,10 @@ def union_alpha(members: list[DefaultDefense], alpha: float) -> float:
     stats = torch.stack([mem.statistic(mem.calibration_) for mem in members], 1)  # (m, K)
     m = len(stats)
     ordered = stats.double().sort(0, descending=True).values  # (m, K)
+    allowed = int(alpha * m + 1e-9)  # as `fusion.threshold_at` counts
     best = 0
-    for a in range(int(alpha * m + 1e-9) + 1):
-        if a >= m:
-            break
-        union = (stats.double() > ordered[a]).any(1).float().mean()
-        if float(union) > alpha + 1e-12:
+    for a in range(min(allowed, m - 1) + 1):
+        if int((stats.double() > ordered[a]).any(1).sum()) > allowed:
             break
         best = a
     return (best if best > 0 else 0.5) / m  # a = 0: any rate below 1 / m
