@@ -156,7 +156,7 @@ KINDS = {"magnet": "magnet", "gan": "defensegan", "fbgan": "fbgan"}
 def test_the_table_covers_each_baselines_own_attack() -> None:
     own = sorted(DEFAULT_ATTACK[KINDS[t.defense]] for t in BASELINE_TARGETS)
     assert own == sorted(t.attack for t in BASELINE_TARGETS)
-    assert sorted(DEFAULT_ATTACK) == sorted(["default", "fm", *KINDS.values()])
+    assert sorted(DEFAULT_ATTACK) == sorted(["default", "ensemble", "fm", *KINDS.values()])
 
 
 @pytest.mark.parametrize(
