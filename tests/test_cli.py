@@ -127,6 +127,8 @@ BAD_ARGUMENTS: list[tuple[list[str], str]] = [
     ([*CAL, "--defense-kind", "ensemble", "--purify", "paper"], "--purify does not apply"),
     ([*CAL, "--defense-kind", "ensemble", "--mode", "any"], "invalid choice: 'any'"),
     ([*CAL, "--defense-kind", "ensemble"], "--defense-kind ensemble needs --members"),
+    (["train", "defensegan", "--dataset", "celeba"], "invalid choice: 'celeba'"),
+    (["train", "magnet", "--dataset", "celeba"], "invalid choice: 'celeba'"),
     (["train", "classifier", "--dataset", "mnist", "--epochs", "0"], "--epochs: must be a pos"),
     (["train", "classifier", "--dataset", "mnist", "--seed", "-1"], "--seed: must be a non-neg"),
     ([*TRAIN_C, "--adversarial", "fgsm"], "invalid choice: 'fgsm'"),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from fmdefense.cli.common import (
     DATASETS,
+    MODEL_DATASETS,
     add_common,
     add_device,
     default_out,
@@ -174,13 +175,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=vae_command)
 
     p = train.add_parser("magnet", help="train the MagNet baseline's two autoencoders")
-    p.add_argument("--dataset", choices=("mnist", "fmnist"), required=True)
+    p.add_argument("--dataset", choices=MODEL_DATASETS, required=True)
     _out(p, "magnet")
     add_device(p)
     p.set_defaults(func=magnet_command)
 
     p = train.add_parser("defensegan", help="train the Defense-GAN baseline's WGAN-GP generator")
-    p.add_argument("--dataset", choices=("mnist", "fmnist"), required=True)
+    p.add_argument("--dataset", choices=MODEL_DATASETS, required=True)
     _out(p, "defense_gan")
     p.add_argument("--epochs", type=positive_int, default=20)
     p.add_argument("--limit", type=positive_int, default=None, help="use only N training images")
