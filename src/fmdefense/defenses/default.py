@@ -292,22 +292,17 @@ class DefaultDefense(Defense):
         """Calibration and the autoencoders' weights as one artifact (safetensors + JSON)."""
         self._require_fit()
         tensors = {"reference": self.reference_, "calibration": self.calibration_}
-        if self.autoencoders is not None:
-            for prefix, ae in zip(("ae_i.", "ae_ii."), self.autoencoders, strict=True):
-                tensors |= {prefix + k: v for k, v in ae.state_dict().items()}
+        tensors |= autoencoder_tensors(self.autoencoders)
         config = {
             "defense": asdict(self.config),
             "names": self.names_,
             "threshold": self.threshold_,  # recomputed on load from the stored VAL scores
             "fingerprints": self.fingerprints_,
-            "in_channels": self._channels(),
+            "in_channels": classifier_channels(self.classifier),
             "autoencoders": self.autoencoders is not None,
         }
         metrics = {"val_fpr_held_out": self.val_fpr_, "val_reference": len(self.reference_)}
         save_artifact(folder, kind=KIND, config=config, tensors=tensors, metrics=metrics)
-
-    def _channels(self) -> int:
-        return int(getattr(getattr(self.classifier, "cfg", None), "in_channels", 1))
 
     @classmethod
     def load(  # type: ignore[override]
@@ -358,6 +353,22 @@ def check_calibration(where: str, names: object, ref: object, cal: object) -> No
         raise ArtifactError(f"{where}: the held-out calibration scores are missing")
     if not (bool(torch.isfinite(ref).all()) and bool(torch.isfinite(cal).all())):
         raise ArtifactError(f"{where}: the calibration holds NaN or infinite scores")
+
+
+def autoencoder_tensors(aes: tuple[nn.Module, nn.Module] | None) -> dict[str, torch.Tensor]:
+    """MagNet's two autoencoders' weights under "ae_i." / "ae_ii." (none without them)."""
+    if aes is None:
+        return {}
+    return {
+        prefix + k: v
+        for prefix, ae in zip(("ae_i.", "ae_ii."), aes, strict=True)
+        for k, v in ae.state_dict().items()
+    }
+
+
+def classifier_channels(classifier: nn.Module) -> int:
+    """The input channels a classifier's config declares (1 when it declares none)."""
+    return int(getattr(getattr(classifier, "cfg", None), "in_channels", 1))
 
 
 def _autoencoders(t: dict[str, torch.Tensor], channels: int) -> tuple[nn.Module, nn.Module]:

@@ -46,7 +46,9 @@ from fmdefense.defenses.default import (
     DefaultConfig,
     DefaultDefense,
     _autoencoders,
+    autoencoder_tensors,
     check_calibration,
+    classifier_channels,
 )
 from fmdefense.defenses.rule import apply_rule
 
@@ -201,16 +203,14 @@ class EnsembleDefense(Defense):
         tensors: dict[str, torch.Tensor] = {}
         for k, m in enumerate(self.members_):
             tensors |= {f"m{k}.reference": m.reference_, f"m{k}.calibration": m.calibration_}
-        if self.autoencoders is not None:
-            for prefix, ae in zip(("ae_i.", "ae_ii."), self.autoencoders, strict=True):
-                tensors |= {prefix + k: v for k, v in ae.state_dict().items()}
+        tensors |= autoencoder_tensors(self.autoencoders)
         folder.mkdir(parents=True, exist_ok=True)
         config = {
             "ensemble": asdict(self.config),
             "names": self.members_[0].names_,
             "vaes": [_relative(Path(d), folder) for d in self.vae_dirs],
             "fingerprints": [m.fingerprints_ for m in self.members_],
-            "in_channels": int(getattr(getattr(self.classifier, "cfg", None), "in_channels", 1)),
+            "in_channels": classifier_channels(self.classifier),
             "autoencoders": self.autoencoders is not None,
         }
         metrics = {"val_fpr_held_out": self.val_fpr_, "members": len(self.members_)}
