@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from fmdefense.core.errors import ArtifactError, InputError, NotFittedError
 from fmdefense.defenses.base import ACCEPT, PURIFY, REJECT, REJECT_LABEL
 from fmdefense.defenses.fm.config import FMDefenseConfig
 from fmdefense.defenses.fm.detector import FMDefense
+from fmdefense.defenses.fm.engine import static_pieces
 from fmdefense.defenses.fm.morphs import MorphConfig, draw_table, morph_codes, natural_deltas
 from fmdefense.defenses.fm.ranges import normal_ranges
 from fmdefense.defenses.fm.thresholds import (
@@ -312,3 +314,27 @@ def test_exact_early_stopping_gives_identical_decisions_with_fewer_morphs(rho: f
     assert len(test) == len(x)
     assert bool((test.details["morphs"] <= 40 * len(defense.code_idx_)).all())
     assert int(test.details["morphs"].sum()) == 0 or bool((defense.theta_ >= 0).any())
+
+
+def test_static_pieces_have_one_shape_and_cut_back_to_the_batch() -> None:
+    seen: list[tuple[int, ...]] = []
+
+    def record(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(a.shape))
+        return a.sum(1) + b
+
+    a, b = torch.randn(23, 3), torch.randn(23)
+    out = static_pieces(record, 8, a, b)
+    assert set(seen) == {(8, 3)} and len(seen) == 3
+    assert torch.allclose(out, a.sum(1) + b)
+
+
+def test_compiled_morphs_give_the_eager_resistance() -> None:
+    clf, vae = ToyClassifier(), ToyVAE()
+    x_val, x = images([0.1 * i for i in range(1, 10)]), images([0.45, 0.9, 0.52])
+    cfg = FMDefenseConfig(n_morphs=40, rho=0.9, precision="fp32", batch_size=37)
+    eager = FMDefense(clf, vae, cfg).fit(x_val).resistance(x)
+    compiled = FMDefense(clf, vae, dataclasses.replace(cfg, compile=True)).fit(x_val)
+    assert torch.equal(compiled.resistance(x), eager)
+    with pytest.raises(InputError, match="compile must be true or false"):
+        FMDefenseConfig(compile="yes")  # type: ignore[arg-type]

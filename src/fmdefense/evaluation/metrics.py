@@ -6,9 +6,11 @@ Scores follow one convention: higher = more suspicious. AUC comes from SciPy's M
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
-from scipy.stats import mannwhitneyu
+from scipy.stats import binomtest, mannwhitneyu
 
 
 def _np(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -44,3 +46,22 @@ def tpr_at_fpr(
     fpr, tpr = roc_curve(clean, adv)
     ok = fpr <= max_fpr + 1e-12
     return float(tpr[ok].max())
+
+
+def wilson_interval(share: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of a share measured on n items (SciPy's binomtest): the
+    binomial error stated beside a figure, honest at 0 % and 100 % on small sets."""
+    if n < 1:
+        raise ValueError(f"a share needs at least one item, got n={n}")
+    ci = binomtest(round(share * n), n).proportion_ci(level, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def pct_with_interval(share: Any, n: Any) -> str:
+    """ "97.5 % (91.3–99.3)": a share and its 95 % Wilson interval ("–" when not measured)."""
+    if share is None:
+        return "–"
+    if not isinstance(n, int) or n < 1:
+        return f"{100 * float(share):.1f} %"
+    low, high = wilson_interval(float(share), n)
+    return f"{100 * float(share):.1f} % ({100 * low:.1f}–{100 * high:.1f})"

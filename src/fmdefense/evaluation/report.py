@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fmdefense.evaluation.metrics import pct_with_interval as _ci
 from fmdefense.evaluation.report_default import default_section
 
 # Figures the paper printed (Table II, MNIST/CelebA columns), for comparison only.
@@ -32,8 +33,20 @@ PAPER_TABLE2_MNIST = {
 }
 # CelebA: no clean row in Table II (its classifier: 94.7 %, IV.A)
 PAPER_TABLE2_CELEBA = {
-    "fgsm": {"no_defense": 0.076, "fm_defense": 0.999, "defense_gan": 0.3217, "magnet": 0.592},
-    "cw_l2": {"no_defense": 0.0, "fm_defense": 0.989, "defense_gan": 0.2822, "magnet": 0.405},
+    "fgsm": {
+        "no_defense": 0.076,
+        "fm_defense": 0.999,
+        "defense_gan": 0.3217,
+        "magnet": 0.592,
+        "fbgan": 0.337,
+    },
+    "cw_l2": {
+        "no_defense": 0.0,
+        "fm_defense": 0.989,
+        "defense_gan": 0.2822,
+        "magnet": 0.405,
+        "fbgan": 0.355,
+    },
     "deepfool_linf": {
         "no_defense": 0.021,
         "fm_defense": 0.998,
@@ -41,7 +54,22 @@ PAPER_TABLE2_CELEBA = {
         "magnet": 0.534,
     },
 }
-PAPER_TABLE2 = {"mnist": PAPER_TABLE2_MNIST, "celeba": PAPER_TABLE2_CELEBA}
+# ORL is not in the paper: its faces are compared with the paper's face column (CelebA)
+PAPER_TABLE2 = {
+    "mnist": PAPER_TABLE2_MNIST,
+    "celeba": PAPER_TABLE2_CELEBA,
+    "orl": PAPER_TABLE2_CELEBA,
+}
+PAPER_COLUMN = {"mnist": "MNIST", "celeba": "CelebA", "orl": "CelebA (faces; ORL is not in it)"}
+
+
+def _paper_column(dataset: str) -> str:
+    """Which of the paper's Table II columns the quoted cells come from."""
+    if dataset in PAPER_COLUMN:
+        return f"its Table II, {PAPER_COLUMN[dataset]} column"
+    return f"its Table II (it has no {dataset} column: those cells stay empty)"
+
+
 PAPER_FIGURES = {
     "figure1": "paper Figure 1: CLE resistance near 1 on most codes, ADV markedly lower",
     "resistance_histograms": "not in the paper (per-input min_i r_i and mean_i r_i, "
@@ -79,10 +107,10 @@ def table2_markdown(table: dict[str, Any], dataset: str) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name, row in table.items():
-        q = _quoted(quoted, name)
+        q, n = _quoted(quoted, name), row["n"]
         lines.append(
-            f"| {name} | {row['n']} | {_pct(row['no_defense'])} | {_pct(row['fm_defense'])} | "
-            f"{_pct(row.get('fm_defense_plain', row['fm_defense']))} | "
+            f"| {name} | {n} | {_ci(row['no_defense'], n)} | {_ci(row['fm_defense'], n)} | "
+            f"{_ci(row.get('fm_defense_plain', row['fm_defense']), n)} | "
             f"{_pct(q.get('no_defense'))} | {_pct(q.get('fm_defense'))} |"
         )
     return "\n".join(lines)
@@ -146,12 +174,14 @@ def side_by_side_markdown(results: dict[str, Any], dataset: str) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in t2.items():
-        q = _quoted(quoted, name)
+        q, n = _quoted(quoted, name), row["n"]
+        n_g = min(n, n_gan) if isinstance(n_gan, int) else None
         lines.append(
-            f"| {name} | {_pct(row['no_defense'])} | {_pct(row['fm_defense'])} | "
-            f"{_pct(joint[name]['fm_defense'])} | {_pct(recon.get(name))} | "
-            f"{_pct(magnet.get(name))} | {_pct(gan.get('table2', {}).get(name))} | "
-            f"{_pct(fbgan.get(name))} | {_pct(q.get('fm_defense'))} | {_pct(q.get('magnet'))} | "
+            f"| {name} | {_ci(row['no_defense'], n)} | {_ci(row['fm_defense'], n)} | "
+            f"{_ci(joint[name]['fm_defense'], joint[name].get('n', n))} | "
+            f"{_ci(recon.get(name), n)} | {_ci(magnet.get(name), n)} | "
+            f"{_ci(gan.get('table2', {}).get(name), n_g)} | "
+            f"{_ci(fbgan.get(name), n)} | {_pct(q.get('fm_defense'))} | {_pct(q.get('magnet'))} | "
             f"{_pct(q.get('defense_gan'))} | {_pct(q.get('fbgan'))} |"
         )
     return "\n".join(lines)
@@ -163,9 +193,10 @@ def _side_by_side_section(results: dict[str, Any]) -> list[str]:
     lines = [
         "## All defenses on the same sets",
         "",
-        "Accuracy; an adversarial input counts as defended when rejected or labelled correctly. "
-        "Paper columns are quoted from its Table II (other classifiers and attack settings), "
-        "not measured here.",
+        "Accuracy; an adversarial input counts as defended when rejected or labelled correctly; "
+        "in brackets, the 95 % Wilson interval of each measured share. "
+        f"Paper columns are quoted from {_paper_column(meta['dataset'])} (other classifiers and "
+        "attack settings), not measured here.",
         "",
         side_by_side_markdown(results, meta["dataset"]),
         "",
@@ -308,8 +339,10 @@ def render(results: dict[str, Any]) -> str:
         "## Table II (FM-Defense, the paper's rule: the reproduction)",
         "",
         "ADV counts as defended when rejected or labelled correctly (the paper's convention); the "
-        "column 'rejections wrong' counts only correct labels. Paper figures are quoted from its "
-        "Table II (its own classifier and attack settings), not measured here.",
+        "column 'rejections wrong' counts only correct labels. Paper figures are quoted from "
+        f"{_paper_column(meta['dataset'])} (its own classifier and attack settings), not "
+        "measured here. In brackets: the "
+        "95 % Wilson interval of each measured share (the binomial error on n images).",
         "",
         table2_markdown(results["table2"], meta["dataset"]),
         "",

@@ -69,6 +69,9 @@ class FMDefenseConfig:
     channels_last: bool = True  # convert both networks' memory format (in place) for speed
     chunk_size: int = 32  # instances per morph chunk
     precision: str = "auto"  # morphs: auto | fp32 | bf16 (autocast); input labels stay fp32
+    # torch.compile the morph decode + classify (static shapes: batches padded to batch_size);
+    # pays back its compile time only over many morphs (benchmarks/morph_throughput.py)
+    compile: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -86,8 +89,9 @@ class FMDefenseConfig:
         q = self.range_quantiles
         if len(q) != 2 or not 0.0 <= q[0] < q[1] <= 1.0:
             raise InputError(f"range_quantiles must be (lo, hi) with 0 <= lo < hi <= 1, got {q}")
-        if not isinstance(self.channels_last, bool):
-            raise InputError(f"channels_last must be true or false, got {self.channels_last!r}")
+        for name in ("channels_last", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @classmethod
     def from_dict(cls, raw: object) -> FMDefenseConfig:

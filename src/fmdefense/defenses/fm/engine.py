@@ -58,7 +58,27 @@ class MorphEngine:
     def morph_labels(self, x: torch.Tensor) -> torch.Tensor:
         """Labels of decoded morphs, at the configured precision (the engine's hot loop)."""
         with self.autocast():
-            return self.classifier(x.to(self.device)).argmax(1).cpu()
+            if self.config.compile:
+                logits = static_pieces(
+                    self.compiled()[1], self.config.batch_size, x.to(self.device)
+                )
+            else:
+                logits = self.classifier(x.to(self.device))
+        return logits.argmax(1).cpu()
+
+    def compiled(self) -> tuple[Any, Any]:
+        """The decoder and classifier under torch.compile (inductor; weights frozen as constants
+        on the CPU, so they are compiled once per engine: a new engine follows new weights)."""
+        if getattr(self, "_compiled", None) is None:
+            options: dict[str, Any] | None = None
+            if self.device.type == "cpu":
+                options = {"freezing": True}
+            log.info("compiling the morph decoder and classifier (torch.compile, %s)", options)
+            self._compiled = (
+                torch.compile(self.vae.decode_codes, dynamic=False, options=options),
+                torch.compile(self.classifier, dynamic=False, options=options),
+            )
+        return self._compiled
 
     @torch.inference_mode()
     def latents(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,8 +87,12 @@ class MorphEngine:
         return self.vae.codes(xd).float().cpu(), self.vae.encode(xd)[1].float().cpu()
 
     def decode(self, codes: torch.Tensor, z_u: torch.Tensor) -> torch.Tensor:
+        codes, z_u = codes.to(self.device), z_u.to(self.device)
         with self.autocast():
-            images = self.vae.decode_codes(codes.to(self.device), z_u.to(self.device))
+            if self.config.compile:
+                images = static_pieces(self.compiled()[0], self.config.batch_size, codes, z_u)
+            else:
+                images = self.vae.decode_codes(codes, z_u)
         if self.config.channels_last:
             return images.contiguous(memory_format=torch.channels_last)
         return images
@@ -165,7 +189,7 @@ class MorphEngine:
         cache_dir: Path | None = None,
     ) -> torch.Tensor:
         """Resistance (n, m) chunk by chunk; with `cache_dir` finished chunks are kept/reused."""
-        key = None
+        key: dict[str, Any] | None = None
         if cache_dir is not None:
             key = {
                 "morph": asdict(self.config.morph),
@@ -177,6 +201,8 @@ class MorphEngine:
                 "vae": fingerprint(self.vae),
                 "precision": self.precision,
             }
+            if self.config.compile:  # compiled kernels round differently: their own chunks
+                key["compile"] = True
 
         def compute(start: int, stop: int) -> dict[str, torch.Tensor]:
             label = self.labels(x[start:stop])
@@ -206,3 +232,16 @@ class MorphEngine:
         if getattr(self, "_table_cache", None) is None:
             self._table_cache = draw_table(self.config.morph, self.vae.num_codes)
         return self._table_cache
+
+
+def static_pieces(fn: Any, size: int, *batch: torch.Tensor) -> torch.Tensor:
+    """fn over `size`-row pieces of a batch, the last one padded with copies of its first row
+    and cut back: a compiled fn sees one static shape, so it never recompiles."""
+    n, outs = len(batch[0]), []
+    for i in range(0, n, size):
+        piece = [t[i : i + size] for t in batch]
+        extra = size - len(piece[0])
+        if extra:
+            piece = [torch.cat([t, t[:1].expand(extra, *t.shape[1:])]) for t in piece]
+        outs.append(fn(*piece)[: size - extra])
+    return torch.cat(outs)
