@@ -60,14 +60,15 @@ PAPER_TABLE2 = {
     "celeba": PAPER_TABLE2_CELEBA,
     "orl": PAPER_TABLE2_CELEBA,
 }
-PAPER_COLUMN = {"mnist": "MNIST", "celeba": "CelebA", "orl": "CelebA (faces; ORL is not in it)"}
+PAPER_COLUMN = {"mnist": "MNIST", "celeba": "CelebA", "orl": "CelebA"}
 
 
 def _paper_column(dataset: str) -> str:
     """Which of the paper's Table II columns the quoted cells come from."""
-    if dataset in PAPER_COLUMN:
-        return f"its Table II, {PAPER_COLUMN[dataset]} column"
-    return f"its Table II (it has no {dataset} column: those cells stay empty)"
+    if dataset not in PAPER_COLUMN:
+        return f"its Table II (it has no {dataset} column: those cells stay empty)"
+    faces = " (faces: ORL is not in the paper)" if dataset == "orl" else ""
+    return f"its Table II, {PAPER_COLUMN[dataset]} column{faces}"
 
 
 PAPER_FIGURES = {
