@@ -9,6 +9,7 @@ import torch
 from fmdefense.evaluation.experiments import (
     SetOutputs,
     breakdown,
+    code_agreement,
     figure1,
     figure4,
     figure5,
@@ -74,3 +75,21 @@ def test_table2_against_hand_computed_numbers() -> None:
     assert t2["a"]["no_defense"] == 0.25  # only the last (3) right
     assert t2["a"]["fm_defense"] == 0.5  # accepted 4 wrong, purified 7 wrong, rejected, 3 right
     assert t2["a"]["fm_defense_plain"] == 0.25
+
+
+def test_code_agreement_tells_codes_that_say_one_thing_from_codes_that_differ() -> None:
+    truth = torch.zeros(4, dtype=torch.long)
+    # CLE: every code keeps the label (r = 1); ADV: code 0 loses it on all, code 1 on half
+    cle = SetOutputs(torch.ones(4, 2), truth, truth, truth)
+    adv_r = torch.tensor([[0.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 1.0]])
+    val = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    out = code_agreement(val, cle, {"a": SetOutputs(adv_r, truth, truth, truth)})
+    assert out["VAL"] == {"binary": 1.0, "codes_agree": 1.0, "all_zero": 0.5}
+    assert out["CLE"] == {"binary": 1.0, "codes_agree": 1.0, "all_zero": 0.0}
+    assert out["a"]["binary"] == 1.0 and out["a"]["codes_agree"] == 0.5
+    assert out["a"]["all_zero"] == 0.5
+    assert out["a"]["auc_one_code"] == (0.75, 1.0, 1.0)  # code 1: 2 of 4 tied with CLE
+    assert out["a"]["auc_all_codes"] == 1.0
+    spread = SetOutputs(torch.tensor([[0.5, 0.52], [0.3, 0.9]]), truth[:2], truth[:2], truth[:2])
+    agreement = code_agreement(spread.resistance, spread, {})["CLE"]
+    assert agreement == {"binary": 0.0, "codes_agree": 0.5, "all_zero": 0.0}

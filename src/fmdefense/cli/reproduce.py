@@ -75,6 +75,8 @@ def run_command(args: argparse.Namespace) -> None:
 def summary_table(results: dict[str, Any]) -> str:
     """Accuracy per set (CLE) and defended share (ADV): no defense, the default, the baselines
     and FM-Defense under the paper's rule, from results.json's content."""
+    from fmdefense.evaluation.metrics import pct as _pct
+
     default = results["default"]["table"]
     cols = {
         "MagNet": results.get("magnet", {}).get("table2", {}),
@@ -95,10 +97,6 @@ def summary_table(results: dict[str, Any]) -> str:
             f"{_pct(t2.get('fm_defense')):>16}"
         )
     return "\n".join(lines)
-
-
-def _pct(v: Any) -> str:
-    return "–" if v is None else f"{100 * float(v):.1f} %"
 
 
 def register(sub: argparse._SubParsersAction) -> None:

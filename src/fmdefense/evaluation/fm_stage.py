@@ -170,6 +170,7 @@ def experiments(
         "table2": ex.table2(cle, adv, defense.theta_, defense.theta_d_),
         "table2_joint_fpr_5pct": _table2_at(cle, adv, val_r, 0.95, defense.config.eta),
         "roc": ex.roc(cle, adv, run / "roc.png"),
+        "code_agreement": ex.code_agreement(val_r, cle, adv),
         "breakdown": ex.breakdown({"CLE": cle, **adv}, defense.theta_, defense.theta_d_),
     }
     target = "cw_l2-fast" if "cw_l2-fast" in adv else next(iter(adv))

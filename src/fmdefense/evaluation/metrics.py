@@ -57,6 +57,11 @@ def wilson_interval(share: float, n: int, level: float = 0.95) -> tuple[float, f
     return float(ci.low), float(ci.high)
 
 
+def pct(share: Any) -> str:
+    """A share as "97.5 %" ("–" when not measured)."""
+    return "–" if share is None else f"{100 * float(share):.1f} %"
+
+
 def pct_with_interval(share: Any, n: Any) -> str:
     """ "97.5 % (91.3–99.3)": a share and its 95 % Wilson interval ("–" when not measured)."""
     if share is None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from fmdefense.evaluation.metrics import pct as _pct
 from fmdefense.evaluation.metrics import pct_with_interval as _ci
 from fmdefense.evaluation.report_default import default_section
+from fmdefense.evaluation.report_morphs import code_agreement_section, recon_section
 
 # Figures the paper printed (Table II, MNIST/CelebA columns), for comparison only.
 PAPER_TABLE2_MNIST = {
@@ -94,10 +96,6 @@ def _quoted(quoted: dict[str, Any], name: str) -> dict[str, Any]:
     return quoted.get(name.split("-")[0], {}) if name in paper_attacks else {}
 
 
-def _pct(v: Any) -> str:
-    return "–" if v is None else f"{100 * float(v):.1f} %"
-
-
 def table2_markdown(table: dict[str, Any], dataset: str) -> str:
     """Table II rows: ours measured; the paper's figures (MNIST, CelebA) beside them, labelled as
     quoted."""
@@ -115,48 +113,6 @@ def table2_markdown(table: dict[str, Any], dataset: str) -> str:
             f"{_pct(q.get('no_defense'))} | {_pct(q.get('fm_defense'))} |"
         )
     return "\n".join(lines)
-
-
-def _recon_section(results: dict[str, Any]) -> list[str]:
-    """FM-Defense's morphs against the one-decode reconstruction check, same sets and scores."""
-    recon = results.get("recon_check")
-    if not recon:
-        return []
-    lines = [
-        "## What the morphs add: FM-Defense vs the one-decode reconstruction check",
-        "",
-        "Reconstruction check: score 1 − p_C(x̂)[C(x)] with x̂ the combo-VAE reconstruction "
-        "(one decode per input, against m·N for FM-Defense).",
-        "",
-        "| attack | FM-Defense AUC | recon check AUC (feature / class mean) | FM TPR @ 1 % / 5 % "
-        "| recon TPR @ 1 % / 5 % (feature) |",
-        "|---|---|---|---|---|",
-    ]
-    for name, fm in results["roc"].items():
-        f, c = recon["feature"]["detection"][name], recon["class_mean"]["detection"][name]
-        lines.append(
-            f"| {name} | {fm['auc']:.3f} | {f['auc']:.3f} / {c['auc']:.3f} | "
-            f"{_pct(fm['tpr_at_fpr_0.01'])} / {_pct(fm['tpr_at_fpr_0.05'])} | "
-            f"{_pct(f['tpr_at_fpr_0.01'])} / {_pct(f['tpr_at_fpr_0.05'])} |"
-        )
-    magnet = results.get("magnet")
-    if magnet:
-        lines += [
-            "",
-            "MagNet (detectors I and II at VAL drop rate 0.001 each, reformer AE I), same sets: "
-            f"{_pct(magnet['clean_flagged'])} of CLE flagged.",
-            "",
-            "| set | MagNet accuracy (rejected ADV counts as defended) | MagNet AUC | "
-            "MagNet TPR @ 1 % / 5 % |",
-            "|---|---|---|---|",
-            f"| clean | {_pct(magnet['table2']['clean'])} | | |",
-        ]
-        for name, d in magnet["detection"].items():
-            lines.append(
-                f"| {name} | {_pct(magnet['table2'][name])} | {d['auc']:.3f} | "
-                f"{_pct(d['tpr_at_fpr_0.01'])} / {_pct(d['tpr_at_fpr_0.05'])} |"
-            )
-    return [*lines, ""]
 
 
 def side_by_side_markdown(results: dict[str, Any], dataset: str) -> str:
@@ -387,7 +343,8 @@ def render(results: dict[str, Any]) -> str:
             for k, v in results["roc"].items()
         ],
         "",
-        *_recon_section(results),
+        *code_agreement_section(results),
+        *recon_section(results),
         *_side_by_side_section(results),
         *_adaptive_section(results),
         "## Figures",

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from fmdefense.evaluation.metrics import pct as _pct
 from fmdefense.evaluation.metrics import pct_with_interval as _ci
 
 # Issue targets for the default at α = 1 % (MNIST; Fashion-MNIST: clean ≥ 92 %, ≥ 90 % defended;
 # ORL, issue 18: clean ≥ 95 %, ≥ 90 % defended)
 TARGETS = {"mnist": (0.985, 0.98, 0.015), "fmnist": (0.92, 0.90, None), "orl": (0.95, 0.90, None)}
-
-
-def _pct(v: Any) -> str:
-    return "–" if v is None else f"{100 * float(v):.1f} %"
 
 
 def _lead_table(results: dict[str, Any]) -> list[str]:

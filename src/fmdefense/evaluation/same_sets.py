@@ -34,6 +34,7 @@ from fmdefense.defenses.jobs import load_classifier, load_vae
 from fmdefense.defenses.registry import load_defense
 from fmdefense.defenses.rule import accuracy
 from fmdefense.evaluation.baselines import contract_baseline
+from fmdefense.evaluation.metrics import pct as _pct
 
 log = logging.getLogger(__name__)
 # Baseline registry name -> its shipped folder under weights/<dataset>/, and its display name
@@ -127,10 +128,6 @@ def run_same_sets(
     atomic_write_bytes(out / "report.md", render_same_sets(results).encode())
     log.info("results: %s", out / "results.json")
     return results
-
-
-def _pct(v: Any) -> str:
-    return "–" if v is None else f"{100 * float(v):.1f} %"
 
 
 def _cell(row: dict[str, Any], name: str) -> str:
