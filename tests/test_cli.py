@@ -325,3 +325,13 @@ def test_adaptive_start_at_input_turns_the_random_start_off() -> None:
     args = build_parser().parse_args([*base, "--start-at-input"])
     assert _changes(args) == {"steps": 7, "random_start": False}
     assert _changes(build_parser().parse_args(base)) == {"steps": 7}
+
+
+def test_reproduce_compile_flag_reaches_the_profile() -> None:
+    from fmdefense.cli import build_parser
+    from fmdefense.cli.reproduce import _profile_overrides
+
+    base = ["reproduce", "--profile", "smoke", "--n-cle", "4"]
+    assert _profile_overrides(build_parser().parse_args(base)) == {"n_cle": 4}
+    args = build_parser().parse_args([*base, "--compile"])
+    assert _profile_overrides(args) == {"n_cle": 4, "compile": True}

@@ -46,10 +46,13 @@ def _defenses(parts: list[str]) -> tuple[str, ...]:
     return tuple(d for d in defenses if d != "fm")
 
 
-def _profile_overrides(args: argparse.Namespace) -> dict[str, int]:
+def _profile_overrides(args: argparse.Namespace) -> dict[str, int | bool]:
     """Profile fields changed on the command line (stated in the run's profile.json)."""
     given = {"adaptive_limit": args.adaptive_limit, "n_cle": args.n_cle, "fm_limit": args.fm_limit}
-    return {k: v for k, v in given.items() if v is not None}
+    out: dict[str, int | bool] = {k: v for k, v in given.items() if v is not None}
+    if args.compile:
+        out["compile"] = True
+    return out
 
 
 def run_command(args: argparse.Namespace) -> None:
@@ -146,6 +149,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="FM-Defense's morphs on only the first N images of every set, CLE included "
         "(its 2,000 morphs per input dominate the run); every other defense sees whole sets",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile FM-Defense's morph decode + classify (1.6x here in bf16; "
+        "morphs round slightly differently, so a run keeps its own chunks)",
     )
     add_data_dir(p)
     add_device(p)

@@ -91,7 +91,7 @@ def stage_set_outputs(
 ) -> dict[str, torch.Tensor]:
     """Resistance, C(x) and both purified labels of one input set, stored under a key of
     everything the resistance depends on (inputs, models, normal ranges, codes, morph config)."""
-    depends = {
+    depends: dict[str, Any] = {
         "input": fingerprint_tensor(x),
         "models": defense.fingerprints_,
         "lo": defense.lo_.tolist(),
@@ -100,6 +100,8 @@ def stage_set_outputs(
         "morph": asdict(defense.config.morph),
         "precision": defense.config.precision,
     }
+    if defense.config.compile:  # compiled morphs round differently (older keys stay valid)
+        depends["compile"] = True
     key = config_hash(depends)  # the morph cache (its chunks upgrade themselves)
     path = run / "sets" / f"{name}-{config_hash({**depends, 'labels': INPUT_LABELS})}.safetensors"
     if path.is_file():

@@ -93,7 +93,11 @@ def run_reproduce(
         source["data_dir"] = str(Path(data_dir).resolve())
     adv_sets = stage_attacks(run, profile, clf, x_cle, y_cle, source)
     cfg = FMDefenseConfig(
-        n_morphs=profile.n_morphs, rho=profile.rho, precision=profile.precision, seed=profile.seed
+        n_morphs=profile.n_morphs,
+        rho=profile.rho,
+        precision=profile.precision,
+        compile=profile.compile,
+        seed=profile.seed,
     )
     defense = stage_calibrate(run, clf, vae, cfg, x_val, y_val)
     n_cle = _fm_limit(profile, "CLE")

@@ -18,6 +18,7 @@ class Profile:
     magnet_epochs: int = 10
     magnet_limit: int | None = None  # MagNet trains on the first N combo-VAE training images
     precision: str = "fp32"  # morph decode+classify: fp32, or bf16 autocast (1.6x faster here)
+    compile: bool = False  # torch.compile the morph decode + classify (FMDefenseConfig.compile)
     defensegan_limit: int | None = 500  # first N images of each set (its search: ~0.2 s/image)
     adaptive_limit: int = 0  # defense-aware attacks on the first N CLE images (0: skipped)
     adaptive_eps: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)
