@@ -327,6 +327,16 @@ def test_static_pieces_have_one_shape_and_cut_back_to_the_batch() -> None:
     out = static_pieces(record, 8, a, b)
     assert set(seen) == {(8, 3)} and len(seen) == 3
     assert torch.allclose(out, a.sum(1) + b)
+    strides: set[tuple[int, ...]] = set()
+
+    def layout(x: torch.Tensor) -> torch.Tensor:
+        strides.add(x.stride())
+        return x
+
+    images3 = torch.rand(10, 3, 2, 2).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(static_pieces(layout, 4, images3), images3)
+    assert len(strides) == 1  # the padded piece keeps channels_last: one static input
+    assert static_pieces(record, 8, a[:0], b[:0]).shape == (0,)
 
 
 def test_compiled_morphs_give_the_eager_resistance() -> None:
@@ -336,5 +346,13 @@ def test_compiled_morphs_give_the_eager_resistance() -> None:
     eager = FMDefense(clf, vae, cfg).fit(x_val).resistance(x)
     compiled = FMDefense(clf, vae, dataclasses.replace(cfg, compile=True)).fit(x_val)
     assert torch.equal(compiled.resistance(x), eager)
+    # the frozen compiled code follows an in-place change of the weights
+    x4 = images([0.3, 0.6, 0.9])
+    before = compiled.engine.morph_labels(x4)
+    with torch.no_grad():
+        for p in clf.parameters():
+            p.neg_()
+    after = compiled.engine.morph_labels(x4)
+    assert torch.equal(after, clf(x4).argmax(1)) and not torch.equal(after, before)
     with pytest.raises(InputError, match="compile must be true or false"):
         FMDefenseConfig(compile="yes")  # type: ignore[arg-type]

@@ -88,7 +88,7 @@ def test_code_agreement_tells_codes_that_say_one_thing_from_codes_that_differ() 
     assert out["CLE"] == {"binary": 1.0, "codes_agree": 1.0, "all_zero": 0.0}
     assert out["a"]["binary"] == 1.0 and out["a"]["codes_agree"] == 0.5
     assert out["a"]["all_zero"] == 0.5
-    assert out["a"]["auc_one_code"] == (0.75, 1.0, 1.0)  # code 1: 2 of 4 tied with CLE
+    assert out["a"]["auc_one_code"] == (0.75, 0.875, 1.0)  # code 1: 2 of 4 tied with CLE
     assert out["a"]["auc_all_codes"] == 1.0
     spread = SetOutputs(torch.tensor([[0.5, 0.52], [0.3, 0.9]]), truth[:2], truth[:2], truth[:2])
     agreement = code_agreement(spread.resistance, spread, {})["CLE"]

@@ -153,8 +153,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile FM-Defense's morph decode + classify (1.6x here in bf16; "
-        "morphs round slightly differently, so a run keeps its own chunks)",
+        help="torch.compile FM-Defense's morph decode + classify (1.6x in the bf16 benchmark "
+        "at batch 512); morphs round slightly differently: use a fresh --out",
     )
     add_data_dir(p)
     add_device(p)

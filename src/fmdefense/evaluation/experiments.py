@@ -251,7 +251,7 @@ def code_agreement(
     val_r: torch.Tensor, cle: SetOutputs, adv: dict[str, SetOutputs], spread: float = 0.05
 ) -> dict:
     """Do the codes carry separate evidence? Per set (VAL's resistances (n, m) first): the share
-    of r_i exactly 0 or 1, of inputs whose r_i all lie within `spread` and of inputs with every
+    of r_i exactly 0 or 1, of inputs whose r_i span at most `spread` and of inputs with every
     r_i = 0; per attack, the ROC-AUC of each single code's 1 − r_i (min / median / max over
     codes) beside the all-code score (1 − min_i r_i)."""
     out: dict[str, Any] = {}
@@ -262,12 +262,15 @@ def code_agreement(
     }.items():
         row: dict[str, Any] = {
             "binary": float(((r == 0) | (r == 1)).float().mean()),
-            "codes_agree": float((r.max(1).values - r.min(1).values <= spread).float().mean()),
+            # float32 rounding: 0.95 − 0.90 is a hair above 0.05
+            "codes_agree": float(
+                (r.max(1).values - r.min(1).values <= spread + 1e-6).float().mean()
+            ),
             "all_zero": float((r.max(1).values == 0).float().mean()),
         }
         if name not in ("VAL", "CLE"):
             per = sorted(roc_auc(1 - cle.resistance[:, i], 1 - r[:, i]) for i in range(r.shape[1]))
-            row |= {"auc_one_code": (per[0], per[len(per) // 2], per[-1])}
+            row |= {"auc_one_code": (per[0], float(np.median(per)), per[-1])}
             row["auc_all_codes"] = roc_auc(suspicion(cle.resistance), suspicion(r))
         out[name] = row
     return out

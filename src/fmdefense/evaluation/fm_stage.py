@@ -80,7 +80,10 @@ def stage_calibrate(
         pass
     # the models join the key: a retrained combo-VAE or classifier gets fresh VAL chunks
     models = [fingerprint(clf), fingerprint(vae)]
-    key = config_hash({"cfg": asdict(cfg), "val": fingerprint_tensor(x_val), "models": models})
+    settings = asdict(cfg)
+    if not cfg.compile:  # the key of runs from before the setting existed
+        del settings["compile"]
+    key = config_hash({"cfg": settings, "val": fingerprint_tensor(x_val), "models": models})
     defense = FMDefense(clf, vae, cfg).fit(x_val, y_val, cache_dir=run / "cache" / f"val-{key}")
     defense.save(folder)
     return defense

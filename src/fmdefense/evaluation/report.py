@@ -130,15 +130,19 @@ def side_by_side_markdown(results: dict[str, Any], dataset: str) -> str:
         "paper: MagNet | paper: Defense-GAN | paper: FBGAN |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    whole_sets = results.get("default", {}).get("table", {})
     for name, row in t2.items():
-        q, n = _quoted(quoted, name), row["n"]
-        n_g = min(n, n_gan) if isinstance(n_gan, int) else None
+        q, n = _quoted(quoted, name), row["n"]  # n: the images FM-Defense ran on
+        # the baselines see whole sets (the default's rows record their size)
+        whole = whole_sets.get("CLE" if name == "clean" else name, {}).get("n", n)
+        n_g = min(whole, n_gan) if isinstance(n_gan, int) else None
         lines.append(
             f"| {name} | {_ci(row['no_defense'], n)} | {_ci(row['fm_defense'], n)} | "
             f"{_ci(joint[name]['fm_defense'], joint[name].get('n', n))} | "
-            f"{_ci(recon.get(name), n)} | {_ci(magnet.get(name), n)} | "
+            f"{_ci(recon.get(name), whole)} | {_ci(magnet.get(name), whole)} | "
             f"{_ci(gan.get('table2', {}).get(name), n_g)} | "
-            f"{_ci(fbgan.get(name), n)} | {_pct(q.get('fm_defense'))} | {_pct(q.get('magnet'))} | "
+            f"{_ci(fbgan.get(name), whole)} | {_pct(q.get('fm_defense'))} | "
+            f"{_pct(q.get('magnet'))} | "
             f"{_pct(q.get('defense_gan'))} | {_pct(q.get('fbgan'))} |"
         )
     return "\n".join(lines)

@@ -53,7 +53,7 @@ def recon_section(results: dict[str, Any]) -> list[str]:
 def code_agreement_markdown(agreement: dict[str, Any]) -> str:
     """Per set: how binary the resistances are, how often all codes agree, single-code AUCs."""
     lines = [
-        "| set | r_i exactly 0 or 1 | inputs whose r_i all agree (±0.05) | inputs with every "
+        "| set | r_i exactly 0 or 1 | inputs whose r_i span ≤ 0.05 | inputs with every "
         "r_i = 0 | AUC of one code (min / median / max) | AUC of all codes |",
         "|---|---|---|---|---|---|",
     ]

@@ -31,6 +31,7 @@ class MorphEngine:
         self.classifier = classifier
         self.vae = vae
         self.config = config
+        self._compiled: tuple[Any, Any] | None = None  # (decode, classify) when compiling
 
     @property
     def device(self) -> torch.device:
@@ -67,9 +68,9 @@ class MorphEngine:
         return logits.argmax(1).cpu()
 
     def compiled(self) -> tuple[Any, Any]:
-        """The decoder and classifier under torch.compile (inductor; weights frozen as constants
-        on the CPU, so they are compiled once per engine: a new engine follows new weights)."""
-        if getattr(self, "_compiled", None) is None:
+        """The decoder and classifier under torch.compile (inductor, frozen weights on the CPU;
+        an in-place change of the weights is followed, tested)."""
+        if self._compiled is None:
             options: dict[str, Any] | None = None
             if self.device.type == "cpu":
                 options = {"freezing": True}
@@ -236,12 +237,23 @@ class MorphEngine:
 
 def static_pieces(fn: Any, size: int, *batch: torch.Tensor) -> torch.Tensor:
     """fn over `size`-row pieces of a batch, the last one padded with copies of its first row
-    and cut back: a compiled fn sees one static shape, so it never recompiles."""
+    (in the piece's own memory format) and cut back: a compiled fn sees one static input, so
+    it does not recompile. An empty batch goes to fn as it is."""
     n, outs = len(batch[0]), []
+    if n == 0:
+        return fn(*batch)
     for i in range(0, n, size):
         piece = [t[i : i + size] for t in batch]
         extra = size - len(piece[0])
         if extra:
-            piece = [torch.cat([t, t[:1].expand(extra, *t.shape[1:])]) for t in piece]
+            piece = [_pad(t, extra) for t in piece]
         outs.append(fn(*piece)[: size - extra])
     return torch.cat(outs)
+
+
+def _pad(t: torch.Tensor, extra: int) -> torch.Tensor:
+    """t with `extra` copies of its first row appended, channels_last kept where t had it."""
+    out = torch.cat([t, t[:1].expand(extra, *t.shape[1:])])
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return out.contiguous(memory_format=torch.channels_last)
+    return out
