@@ -74,6 +74,12 @@ def test_the_committed_units_are_reused_as_they_are(
     old = json.loads((committed / "summary.json").read_text())["attacks"][attack]
     new = summary["attacks"][attack]
     assert new["per_eps"] == old["per_eps"] and new["sanity"] == old["sanity"]
+    # a resumed sweep reports the units' compute time, not its own (near-zero) wall time
+    assert (
+        summary["seconds"]
+        >= sum(row["seconds"] for row in new["per_eps"])
+        > 10 * summary["wall_seconds"]
+    )
     for unit in out.rglob("*.json"):  # reused in place, not rewritten under new keys
         if unit.name != "summary.json":
             assert unit.read_bytes() == (committed / unit.relative_to(out)).read_bytes()

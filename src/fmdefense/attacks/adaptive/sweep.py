@@ -263,7 +263,12 @@ def run_sweep(
         "eps": eps_sorted,
         "clean": done[clean],
         "attacks": results,
-        "seconds": time.perf_counter() - t0,
+        # the attack units' own compute time, whichever runs made them (a resumed sweep keeps
+        # it), and this call's wall time (small when every unit was reused)
+        "seconds": sum(
+            r["seconds"] for r in done.values() if isinstance(r, dict) and "seconds" in r
+        ),
+        "wall_seconds": time.perf_counter() - t0,
     }
     if out is not None:
         write_json(Path(out) / SUMMARY_FILE, summary)
