@@ -64,9 +64,7 @@ def pct(share: Any) -> str:
 
 def pct_with_interval(share: Any, n: Any) -> str:
     """ "97.5 % (91.3–99.3)": a share and its 95 % Wilson interval ("–" when not measured)."""
-    if share is None:
-        return "–"
-    if not isinstance(n, int) or n < 1:
-        return f"{100 * float(share):.1f} %"
+    if share is None or not isinstance(n, int) or n < 1:
+        return pct(share)
     low, high = wilson_interval(float(share), n)
-    return f"{100 * float(share):.1f} % ({100 * low:.1f}–{100 * high:.1f})"
+    return f"{pct(share)} ({100 * low:.1f}–{100 * high:.1f})"
