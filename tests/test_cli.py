@@ -149,6 +149,8 @@ BAD_ARGUMENTS: list[tuple[list[str], str]] = [
     (["reproduce", "--defenses", "fm,bogus"], "unknown --defenses ['bogus']"),
     (["reproduce", "--defenses", "magnet"], "--defenses must include fm"),
     (["reproduce", "--attacks", "bogus"], "unknown --attacks ['bogus']"),
+    (["reproduce", "--codes", "-1"], "--codes: must be a non-negative"),
+    (["train", "vae", "--dataset", "orl", "--map-size", "48"], "map_size × 1, 2, 4 or 8"),
     (["evaluate", "vae", "--limit", "0"], "--limit: must be a positive integer"),
     (["attack", "--dataset", "mnist", "--attack", "fgsm", "--batch-size", "0"], "--batch-size"),
     (["attack", "--dataset", "mnist", "--attack", "fgsm", "--limit", "-2"], "--limit: must be"),
@@ -330,8 +332,13 @@ def test_adaptive_start_at_input_turns_the_random_start_off() -> None:
 def test_reproduce_compile_flag_reaches_the_profile() -> None:
     from fmdefense.cli import build_parser
     from fmdefense.cli.reproduce import _profile_overrides
+    from fmdefense.core.errors import InputError
 
     base = ["reproduce", "--profile", "smoke", "--n-cle", "4"]
     assert _profile_overrides(build_parser().parse_args(base)) == {"n_cle": 4}
     args = build_parser().parse_args([*base, "--compile"])
     assert _profile_overrides(args) == {"n_cle": 4, "compile": True}
+    args = build_parser().parse_args([*base, "--vae", "weights/orl/combo_vae", "--codes", "3"])
+    assert _profile_overrides(args) == {"n_cle": 4, "vae": "weights/orl/combo_vae", "codes": (3,)}
+    with pytest.raises(InputError, match="no combo-VAE artifact there"):
+        _profile_overrides(build_parser().parse_args([*base, "--vae", "nowhere"]))

@@ -52,6 +52,26 @@ def test_public_methods_have_the_documented_shapes(dataset: str) -> None:
         assert recon.shape == x.shape and float(recon.min()) >= 0 and float(recon.max()) <= 1
 
 
+@pytest.mark.parametrize("map_size", [8, 16, 32, 64])
+@torch.no_grad()
+def test_face_maps_from_eighth_size_to_image_size(map_size: int) -> None:
+    """Every face map size (down to the paper's image-sized map) gives (B, C, n, n) codes and a
+    64×64 reconstruction; the layer list is the same for every size (one network design)."""
+    cfg = dataclasses.replace(DATASET_VAES["orl"], map_size=map_size, width=4, z_s_dim=2)
+    vae = ComboVAE(cfg).eval()
+    x = torch.rand(2, 1, 64, 64)
+    assert tuple(vae.codes(x).shape) == (2, 2, map_size, map_size)
+    assert vae.decode_codes(vae.codes(x), vae.encode(x)[1]).shape == x.shape
+    shipped = ComboVAE(dataclasses.replace(DATASET_VAES["orl"], width=4, z_s_dim=2))
+    assert list(vae.state_dict()) == list(shipped.state_dict())
+
+
+@pytest.mark.parametrize("map_size", [5, 48, 128])
+def test_a_map_size_the_face_networks_cannot_produce_is_refused(map_size: int) -> None:
+    with pytest.raises(InputError, match="map_size × 1, 2, 4 or 8"):
+        dataclasses.replace(DATASET_VAES["orl"], map_size=map_size)
+
+
 def test_lgm_loss_matches_a_hand_computed_case() -> None:
     z = torch.tensor([[1.0, 0.0]])
     means = torch.tensor([[0.0, 0.0], [2.0, 0.0]])

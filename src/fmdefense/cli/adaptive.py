@@ -18,7 +18,7 @@ from typing import Any
 from fmdefense.attacks.adaptive.registry import ADAPTIVE_ATTACKS, DEFAULT_ATTACK
 from fmdefense.cli.common import add_common, add_executor, positive_int, probability
 
-DATASETS = ("mnist", "fmnist")
+DATASETS = ("mnist", "fmnist", "orl")
 DEFAULT_EPS = (0.05, 0.1, 0.2, 0.3)
 
 

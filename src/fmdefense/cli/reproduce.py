@@ -46,12 +46,18 @@ def _defenses(parts: list[str]) -> tuple[str, ...]:
     return tuple(d for d in defenses if d != "fm")
 
 
-def _profile_overrides(args: argparse.Namespace) -> dict[str, int | bool]:
+def _profile_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Profile fields changed on the command line (stated in the run's profile.json)."""
     given = {"adaptive_limit": args.adaptive_limit, "n_cle": args.n_cle, "fm_limit": args.fm_limit}
-    out: dict[str, int | bool] = {k: v for k, v in given.items() if v is not None}
+    out: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if args.compile:
         out["compile"] = True
+    if args.vae is not None:
+        if not (args.vae / "config.json").is_file():
+            raise InputError(f"--vae {args.vae}: no combo-VAE artifact there (config.json)")
+        out["vae"] = str(args.vae)
+    if args.codes is not None:
+        out["codes"] = tuple(args.codes)
     return out
 
 
@@ -155,6 +161,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="torch.compile FM-Defense's morph decode + classify (1.6x in the bf16 benchmark "
         "at batch 512); morphs round slightly differently: use a fresh --out",
+    )
+    p.add_argument(
+        "--vae",
+        type=Path,
+        default=None,
+        help="combo-VAE folder to manipulate (default: the dataset's shipped one); fresh --out",
+    )
+    p.add_argument(
+        "--codes",
+        nargs="+",
+        type=non_negative_int,
+        default=None,
+        help="FM-Defense manipulates only these code indices (default: all; the paper's faces: "
+        "one feature map); use a fresh --out",
     )
     add_data_dir(p)
     add_device(p)

@@ -67,8 +67,14 @@ def vae_command(args: argparse.Namespace) -> None:
         "limit": args.limit,
     }
     overrides = {k: v for k, v in given.items() if v is not None}
+    arch = {"map_size": args.map_size, "z_s_dim": args.channels, "width": args.width}
     m = run_train_vae(
-        args.dataset, out, resolve_device(args.device), overrides=overrides, data_dir=args.data_dir
+        args.dataset,
+        out,
+        resolve_device(args.device),
+        overrides=overrides,
+        architecture={k: v for k, v in arch.items() if v is not None},
+        data_dir=args.data_dir,
     )
     print(
         f"{args.dataset} combo-VAE: recon MSE/pixel {m['recon_mse_per_pixel']:.4f}, "
@@ -171,6 +177,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--limit", type=positive_int, default=None, help="use only N training images")
     p.add_argument("--seed", type=non_negative_int, default=None)
+    p.add_argument(
+        "--map-size",
+        type=positive_int,
+        default=None,
+        help="faces: side of each z_s feature map (side/8 shipped; the image side = the paper's "
+        "64 × 64 reading)",
+    )
+    p.add_argument(
+        "--channels", type=positive_int, default=None, help="z_s size: dims, or maps for faces"
+    )
+    p.add_argument("--width", type=positive_int, default=None, help="network width (channels)")
     add_common(p)
     p.set_defaults(func=vae_command)
 

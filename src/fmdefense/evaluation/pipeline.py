@@ -87,12 +87,13 @@ def run_reproduce(
     x_cle, y_cle = split_tensors(ds, "cle")
     x_val, y_val = x_val[: profile.n_val], y_val[: profile.n_val]
     x_cle, y_cle = x_cle[: profile.n_cle], y_cle[: profile.n_cle]
-    clf, vae = load_models(dataset, device)
+    clf, vae = load_models(dataset, device, vae=None if profile.vae is None else Path(profile.vae))
     source: dict[str, Any] = {"dataset": dataset, "split": "cle", "n": len(y_cle)}
     if data_dir is not None:  # another folder's images are other attack inputs
         source["data_dir"] = str(Path(data_dir).resolve())
     adv_sets = stage_attacks(run, profile, clf, x_cle, y_cle, source)
     cfg = FMDefenseConfig(
+        codes=profile.codes,
         n_morphs=profile.n_morphs,
         rho=profile.rho,
         precision=profile.precision,

@@ -36,6 +36,8 @@ class Profile:
     default_alpha: float = 0.01  # the default defense's clean false-positive rate on VAL
     default_adaptive_limit: int | None = None  # its adaptive stage's images (None: adaptive_limit)
     n_tuning: int = 500  # first N VAL images attacked: the default's tuning set
+    vae: str | None = None  # combo-VAE folder (None: the dataset's shipped one)
+    codes: str | tuple[int, ...] = "all"  # FM-Defense's manipulated codes (FMDefenseConfig)
     seed: int = 0
 
 

@@ -5,7 +5,9 @@ Two variants share one interface:
 - "vector" (MNIST, Fashion-MNIST, 28×28): z_s is a d_s-vector; the manipulable codes are
   [z_s, z_u], d_s + K numbers (paper: 20 codes on MNIST).
 - "maps" (faces, 64×64): z_s is C feature maps of n×n; each channel is one manipulable code and
-  z_u is kept as encoded.
+  z_u is kept as encoded. n = side / 2^k for k = 3 (the shipped 8×8) down to 0 (the paper's face
+  reading, IV.A: maps as large as the image); the k stride-2 layers of the face encoder keep
+  their stride and the other 3 − k run at stride 1, so each k has the same layer list.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class ComboVAEConfig:
     num_classes: int = 10
     z_s_dim: int = 10  # d_s (vector) or channels C (maps)
     z_u_dim: int = 10  # K
-    map_size: int = 8  # n (maps variant)
+    map_size: int = 8  # n (maps variant): side / 8, / 4, / 2 or side itself
     width: int = 32
     tc_hidden: int = 256
 
@@ -51,14 +53,23 @@ class ComboVAEConfig:
         check_int("width", self.width, low=2, high=1024)  # the vector decoder halves it
         check_int("tc_hidden", self.tc_hidden, low=1, high=65_536)
         check_pair("image_size", self.image_size, low=1, high=1024)
-        # the vector networks are built for 28×28; the maps ones map n×n codes to 8n×8n images
-        side = 28 if self.variant == "vector" else 8 * self.map_size
-        if self.image_size != (side, side):
+        # the vector networks are built for 28×28; the maps ones map n×n codes to 2^k·n images
+        if self.variant == "vector" and self.image_size != (28, 28):
             raise InputError(
-                f"image_size must be ({side}, {side}) for the {self.variant!r} variant"
-                f"{' with map_size ' + str(self.map_size) if self.variant == 'maps' else ''}, "
-                f"got {self.image_size}"
+                f"image_size must be (28, 28) for the 'vector' variant, got {self.image_size}"
             )
+        if self.variant == "maps":
+            h, w = self.image_size
+            if h != w or h not in {self.map_size * 2**k for k in range(4)}:
+                raise InputError(
+                    f"image_size must be square and map_size × 1, 2, 4 or 8 for the 'maps' "
+                    f"variant with map_size {self.map_size}, got {self.image_size}"
+                )
+
+    @property
+    def downsamplings(self) -> int:
+        """k: stride-2 layers between a face image and its code maps (maps variant; 0 to 3)."""
+        return (self.image_size[0] // self.map_size).bit_length() - 1
 
     @classmethod
     def from_dict(
@@ -107,20 +118,27 @@ class ResBlock(nn.Module):
         return torch.nn.functional.leaky_relu(x + self.body(x), 0.2)
 
 
-def conv_trunk_faces(c_in: int, w: int) -> nn.Sequential:
-    """Face encoder: k7 stem, three stride-2 convs (64 → 8), two residual blocks. (B, 2w, 8, 8)"""
+def conv_trunk_faces(c_in: int, w: int, down: int = 3) -> nn.Sequential:
+    """Face encoder: k7 stem, three 3×3 convs of which the first `down` have stride 2, two
+    residual blocks. (B, c_in, S, S) -> (B, 2w, S / 2^down, S / 2^down)"""
+    s = [2 if i < down else 1 for i in range(3)]
     return nn.Sequential(
         nn.Conv2d(c_in, w, 7, 1, 3),
         _act(),
-        nn.Conv2d(w, 2 * w, 3, 2, 1),
-        _act(),  # 32
-        nn.Conv2d(2 * w, 2 * w, 3, 2, 1),
+        nn.Conv2d(w, 2 * w, 3, s[0], 1),
+        _act(),  # 32 (64 × 64 input, down 3)
+        nn.Conv2d(2 * w, 2 * w, 3, s[1], 1),
         _act(),  # 16
-        nn.Conv2d(2 * w, 2 * w, 3, 2, 1),
+        nn.Conv2d(2 * w, 2 * w, 3, s[2], 1),
         _act(),  # 8
         ResBlock(2 * w),
         ResBlock(2 * w),
     )
+
+
+def _up(c_in: int, c_out: int, upsample: bool) -> nn.Module:
+    """A decoder stage: ×2 transposed conv, or a 3×3 conv at the same size."""
+    return nn.ConvTranspose2d(c_in, c_out, 4, 2, 1) if upsample else nn.Conv2d(c_in, c_out, 3, 1, 1)
 
 
 class Encoder(nn.Module):
@@ -135,7 +153,7 @@ class Encoder(nn.Module):
             )
         else:
             self.net = nn.Sequential(
-                conv_trunk_faces(cfg.in_channels, cfg.width),
+                conv_trunk_faces(cfg.in_channels, cfg.width, cfg.downsamplings),
                 nn.Conv2d(2 * cfg.width, 2 * cfg.z_s_dim, 1),
             )
 
@@ -195,16 +213,17 @@ class Decoder(nn.Module):
                 nn.Sigmoid(),
             )
         else:
+            up = [i >= 3 - cfg.downsamplings for i in range(3)]  # the last k stages upsample
             self.net = nn.Sequential(
                 nn.Conv2d(cfg.z_s_dim + cfg.z_u_dim, 2 * w, 1),
                 _act(),
                 ResBlock(2 * w),
                 ResBlock(2 * w),
-                nn.ConvTranspose2d(2 * w, 2 * w, 4, 2, 1),
-                _act(),  # 16
-                nn.ConvTranspose2d(2 * w, w, 4, 2, 1),
+                _up(2 * w, 2 * w, up[0]),
+                _act(),  # 16 (8 × 8 maps)
+                _up(2 * w, w, up[1]),
                 _act(),  # 32
-                nn.ConvTranspose2d(w, w, 4, 2, 1),
+                _up(w, w, up[2]),
                 _act(),  # 64
                 nn.Conv2d(w, cfg.in_channels, 7, 1, 3),
                 nn.Sigmoid(),

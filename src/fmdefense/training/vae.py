@@ -361,19 +361,22 @@ def run_train_vae(
     device: torch.device,
     *,
     overrides: dict[str, Any] | None = None,
+    architecture: dict[str, Any] | None = None,
     data_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Both stages on the dataset's `vae_train` split; measures on `test`; saves the artifact."""
+    """Both stages on the dataset's `vae_train` split; measures on `test`; saves the artifact.
+    `architecture` replaces fields of the dataset's `ComboVAEConfig` (e.g. map_size, z_s_dim)."""
     if dataset not in VAE_TRAIN_CONFIGS:
         known = ", ".join(VAE_TRAIN_CONFIGS)
         raise InputError(f"no combo-VAE settings for dataset {dataset!r}; known: {known}")
     cfg = replace_fields(VAE_TRAIN_CONFIGS[dataset], overrides, "VAE training config")
+    arch = replace_fields(DATASET_VAES[dataset], architecture, "combo-VAE config")
     torch.manual_seed(cfg.seed)
     ds = load_raw(dataset, data_dir=data_dir)
     x, y = split_tensors(ds, "vae_train")
     if cfg.limit is not None:
         x, y = x[: cfg.limit], y[: cfg.limit]
-    vae = ComboVAE(DATASET_VAES[dataset])
+    vae = ComboVAE(arch)
     t0 = time.perf_counter()
     clf_path = classifier_dir(dataset)
     clf = Classifier.load(clf_path, device) if (clf_path / "config.json").is_file() else None
