@@ -364,11 +364,9 @@ def run_train_vae(
     architecture: dict[str, Any] | None = None,
     data_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Both stages on the dataset's `vae_train` split; measures on `test`; saves the artifact.
-    `architecture` replaces fields of the dataset's `ComboVAEConfig` (e.g. map_size, z_s_dim)."""
+    """Both stages on `vae_train`, measured on `test`, saved; `architecture`: ComboVAE fields."""
     if dataset not in VAE_TRAIN_CONFIGS:
-        known = ", ".join(VAE_TRAIN_CONFIGS)
-        raise InputError(f"no combo-VAE settings for dataset {dataset!r}; known: {known}")
+        raise InputError(f"no combo-VAE settings for {dataset!r}; known: {list(VAE_TRAIN_CONFIGS)}")
     cfg = replace_fields(VAE_TRAIN_CONFIGS[dataset], overrides, "VAE training config")
     arch = replace_fields(DATASET_VAES[dataset], architecture, "combo-VAE config")
     torch.manual_seed(cfg.seed)
@@ -376,8 +374,7 @@ def run_train_vae(
     x, y = split_tensors(ds, "vae_train")
     if cfg.limit is not None:
         x, y = x[: cfg.limit], y[: cfg.limit]
-    vae = ComboVAE(arch)
-    t0 = time.perf_counter()
+    vae, t0 = ComboVAE(arch), time.perf_counter()
     clf_path = classifier_dir(dataset)
     clf = Classifier.load(clf_path, device) if (clf_path / "config.json").is_file() else None
     _check_consistency(cfg, clf)  # before stage 1, not after it
