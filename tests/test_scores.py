@@ -8,6 +8,7 @@ defined. Real MNIST architectures (random weights), so the convolutions' layouts
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -100,17 +101,32 @@ def test_inference_copy_of_a_module_built_in_inference_mode() -> None:
         assert torch.allclose(inference_copy(net)(x), net(x), atol=1e-6)
 
 
-def test_the_shipped_default_reproduces_its_stored_reference_scores() -> None:
-    """End to end on real weights: the VAL reference scores stored in weights/mnist/default
+@pytest.mark.parametrize("dataset", ["mnist", "orl"])
+def test_the_shipped_default_reproduces_its_stored_reference_scores(dataset: str) -> None:
+    """End to end on real weights: the VAL reference scores stored in weights/D/default
     (computed by the per-network code it was calibrated with) from today's batched pass."""
     from fmdefense.core.paths import model_dir
     from fmdefense.data import load_raw, split_tensors
     from fmdefense.defenses import fusion
     from fmdefense.defenses.jobs import load_models
 
-    clf, vae = load_models("mnist", torch.device("cpu"))
-    d = DefaultDefense.load(model_dir("mnist", "default"), clf, vae)
-    x_val = split_tensors(load_raw("mnist"), "val")[0]
+    clf, vae = load_models(dataset, torch.device("cpu"))
+    d = DefaultDefense.load(model_dir(dataset, "default"), clf, vae)
+    x_val = split_tensors(load_raw(dataset), "val")[0]
     ref_idx = fusion.split_indices(len(x_val), d.config.seed)[0][:64]
     s = d._score_matrix(x_val[ref_idx], d.names_)
     assert torch.allclose(s, d.reference_[:64], rtol=1e-5, atol=1e-6)
+
+
+def test_pretrained_orl_defends_the_test_faces_as_the_readme_reports() -> None:
+    """weights/orl/default (the ORL paper run's choice) through `fmdefense.pretrained("orl")`:
+    on the 80 CLE faces it flags 5 (README, Faces: 93.8 % clean accuracy, 6.2 % flagged)."""
+    import fmdefense
+    from fmdefense.data import load_raw, split_tensors
+
+    d = fmdefense.pretrained("orl", device="cpu")
+    x, y = split_tensors(load_raw("orl"), "cle")
+    dec = d.decide(x)
+    assert x.shape == (80, 1, 64, 64)
+    assert int(dec.flagged.sum()) == 5
+    assert (dec.label == y).float().mean().item() == pytest.approx(0.9375)

@@ -10,7 +10,7 @@ from fmdefense.core.paths import model_dir
 from fmdefense.defenses.default import DefaultDefense
 from fmdefense.defenses.jobs import load_models
 
-PRETRAINED = ("mnist", "fmnist")
+PRETRAINED = ("mnist", "fmnist", "orl")
 
 
 def pretrained(dataset: str = "mnist", *, device: str | torch.device = "auto") -> DefaultDefense:
