@@ -52,10 +52,12 @@ def test_reproduce_runs_end_to_end_on_a_celeba_folder(
     clf_dir, vae_dir = weights / "celeba" / "classifier", weights / "celeba" / "combo_vae"
     assert main(["train", "classifier", *common, "--epochs", "8", "--out", str(clf_dir)]) == 0
     train_vae = ["train", "vae", *common, "--epochs-dgmm", "2", "--epochs-vae", "2"]
+    train_vae.append("--recalibrate-norms")
     assert main([*train_vae, "--out", str(vae_dir)]) == 0
     assert ComboVAE.load(vae_dir).cfg.in_channels == 3
     vae_metrics = json.loads((vae_dir / "metrics.json").read_text())
     assert vae_metrics["history_vae"][-1]["consistency"] > 0  # RGB through the frozen classifier
+    assert vae_metrics["train_config"]["recalibrate_norms"] is True  # the CLI flag reached it
     assert main(reproduce) == 0
     results = json.loads((run / "results.json").read_text())
     report = (run / "report.md").read_text()

@@ -63,6 +63,7 @@ def vae_command(args: argparse.Namespace) -> None:
         "gamma": args.gamma,
         "free_bits": args.free_bits,
         "w_consistency": args.w_consistency,
+        "recalibrate_norms": args.recalibrate_norms,
         "seed": args.seed,
         "limit": args.limit,
     }
@@ -174,6 +175,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=non_negative_float,
         default=None,
         help="weight of the decoder-only classifier-consistency term (0: the paper's L_R only)",
+    )
+    p.add_argument(
+        "--recalibrate-norms",
+        action="store_const",
+        const=True,
+        default=None,
+        help="after training, re-estimate the decoder's BatchNorm statistics on posterior means "
+        "of the training images (what inference decodes)",
     )
     p.add_argument("--limit", type=positive_int, default=None, help="use only N training images")
     p.add_argument("--seed", type=non_negative_int, default=None)

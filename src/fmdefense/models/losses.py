@@ -6,6 +6,7 @@
   The margin α enlarges the true class's Mahalanobis distance inside the classification logits
   (d_y → (1 + α) d_y), as in Wan et al.; prediction uses the plain logits.
 - `permute_dims`, `tc_estimate`, `discriminator_loss`: FactorVAE's density-ratio trick (eq. 7).
+- `consistency_loss`: the optional decoder-only classifier-consistency term (not in the paper).
 """
 
 from __future__ import annotations
@@ -102,3 +103,14 @@ def bernoulli_nll(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     eps = 1e-6
     r = recon.clamp(eps, 1 - eps)
     return -(x * torch.log(r) + (1 - x) * torch.log(1 - r)).flatten(1).sum(1).mean()
+
+
+def consistency_loss(
+    classifier: torch.nn.Module, x: torch.Tensor, recon: torch.Tensor
+) -> torch.Tensor:
+    """KL(C(x) ‖ C(recon)) averaged over the batch: the classifier should read a reconstruction
+    as it reads the input. C is frozen (eval, no parameter grads); the gradient reaches `recon`."""
+    with torch.no_grad():
+        target = torch.log_softmax(classifier(x).float(), 1)  # (B, classes)
+    pred = torch.log_softmax(classifier(recon).float(), 1)  # (B, classes)
+    return torch.nn.functional.kl_div(pred, target, reduction="batchmean", log_target=True)

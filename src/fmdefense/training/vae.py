@@ -32,6 +32,7 @@ from fmdefense.models.classifiers import Classifier
 from fmdefense.models.combo_vae import DATASET_VAES, ComboVAE, TCDiscriminator
 from fmdefense.models.losses import (
     bernoulli_nll,
+    consistency_loss,
     discriminator_loss,
     kl_normal,
     lgm_loss,
@@ -39,6 +40,7 @@ from fmdefense.models.losses import (
     tc_estimate,
 )
 from fmdefense.training.loops import augment
+from fmdefense.training.norm_recalibration import recalibrate_decoder_norms
 from fmdefense.training.vae_config import VAE_TRAIN_CONFIGS, VAETrainConfig
 from fmdefense.training.vae_measures import (
     code_statistics,
@@ -83,8 +85,10 @@ STAGE2_FIELDS = frozenset(
         "kl_warmup_epochs",
         "free_bits",
         "w_consistency",
+        "recalibrate_norms",
     }
 )
+AFTER_FIELDS = frozenset({"recalibrate_norms"})  # read after both stages: no epoch depends on it
 
 
 def stage_key(config: dict[str, Any], stage: int) -> dict[str, Any]:
@@ -92,7 +96,7 @@ def stage_key(config: dict[str, Any], stage: int) -> dict[str, Any]:
     stage 1; for stage 2 (trained on stage 1's DGMM) all but `epochs_vae`: no schedule of
     stage 2 depends on its length, so a run with more epochs continues a shorter one exactly
     (its first epochs are the shorter run's)."""
-    drop = STAGE2_FIELDS if stage == 1 else {"epochs_vae"}
+    drop = STAGE2_FIELDS if stage == 1 else {"epochs_vae", *AFTER_FIELDS}
     return {k: v for k, v in config.items() if k not in drop}
 
 
@@ -249,17 +253,6 @@ def vae_step(
     }
 
 
-def consistency_loss(
-    classifier: torch.nn.Module, x: torch.Tensor, recon: torch.Tensor
-) -> torch.Tensor:
-    """KL(C(x) ‖ C(recon)) averaged over the batch: the classifier should read a reconstruction
-    as it reads the input. C is frozen (eval, no parameter grads); the gradient reaches `recon`."""
-    with torch.no_grad():
-        target = torch.log_softmax(classifier(x).float(), 1)  # (B, classes)
-    pred = torch.log_softmax(classifier(recon).float(), 1)  # (B, classes)
-    return torch.nn.functional.kl_div(pred, target, reduction="batchmean", log_target=True)
-
-
 def _check_images(vae: ComboVAE, x: object) -> torch.Tensor:
     c = vae.cfg
     return check_images(x, channels=c.in_channels, size=c.image_size, name="training images")
@@ -380,6 +373,8 @@ def run_train_vae(
     _check_consistency(cfg, clf)  # before stage 1, not after it
     h1 = train_dgmm(vae, x, y, cfg, out_dir / "stage1-dgmm", device)
     h2 = train_stage2(vae, x, cfg, out_dir / "stage2-vae", device, clf)
+    if cfg.recalibrate_norms:
+        recalibrate_decoder_norms(vae, x, device)
     seconds = time.perf_counter() - t0
     if clf is None:
         log.info("no classifier at %s: accuracy on reconstructions not measured", clf_path)

@@ -32,6 +32,10 @@ class VAETrainConfig:
     # target classifier too much on reconstructions. The encoder never gets this gradient, so
     # z_s is not pushed to carry the label.
     w_consistency: float = 0.0
+    # After stage 2, re-estimate the decoder's BatchNorm statistics on posterior means of the
+    # training images (training.norm_recalibration): off by default, so the shipped models'
+    # commands still make them; needed where z_s's posterior stays wide (64 × 64 face maps).
+    recalibrate_norms: bool = False
     seed: int = 0
     limit: int | None = None  # use only the first `limit` training images (smoke runs)
 
@@ -51,6 +55,7 @@ class VAETrainConfig:
         check_bool("dgmm_hflip", self.dgmm_hflip)
         check_range("lambda_lkd", self.lambda_lkd, 0.0, 1e4)
         check_range("w_consistency", self.w_consistency, 0.0, 1e4)
+        check_bool("recalibrate_norms", self.recalibrate_norms)
         check_int("seed", self.seed, low=0, high=2**63 - 1)
         if self.limit is not None:
             check_int("limit", self.limit, low=1)
