@@ -27,18 +27,24 @@ def vae_command(args: argparse.Namespace) -> None:
     from fmdefense.data import load_raw, split_tensors
     from fmdefense.defenses.jobs import load_models
     from fmdefense.training.vae import disentanglement, traversal_label_stability
+    from fmdefense.training.vae_measures import traversal_pixel_change
 
     folder = vae_dir(args.dataset, args.weights)
     clf, vae = load_models(args.dataset, resolve_device(args.device), vae=folder)
     ds = load_raw(args.dataset, data_dir=args.data_dir)
     x, _ = split_tensors(ds, "test")
     d = disentanglement(vae, x)
-    stab = traversal_label_stability(vae, clf, x[: args.limit], split_tensors(ds, "val")[0])
+    x_val = split_tensors(ds, "val")[0]
+    stab = traversal_label_stability(vae, clf, x[: args.limit], x_val)
+    change = traversal_pixel_change(vae, x[: args.limit], x_val)
     print(
         f"{folder}: {d['active_dims']} active z_s dims, Gaussian TC of their means "
         f"{d['gaussian_tc_active']:.4f} nats (test, {len(x)} images); C keeps its label on "
         f"{stab['mean']:.4f} of single-z_s-code traversals ({stab['images']} test images, "
-        f"{stab['steps']} values per code; per code {[round(v, 3) for v in stab['per_code']]})"
+        f"{stab['steps']} values per code; per code {[round(v, 3) for v in stab['per_code']]}); "
+        "a traversal's pixel change |D(1 % value) - D(99 % value)| per code, mean "
+        f"{[round(v, 4) for v in change['per_code_mean']]}, 99th percentile "
+        f"{[round(v, 3) for v in change['per_code_p99']]}"
     )
 
 

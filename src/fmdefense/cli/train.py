@@ -63,6 +63,7 @@ def vae_command(args: argparse.Namespace) -> None:
         "gamma": args.gamma,
         "free_bits": args.free_bits,
         "w_consistency": args.w_consistency,
+        "consistency_codes": args.consistency_codes,
         "recalibrate_norms": args.recalibrate_norms,
         "seed": args.seed,
         "limit": args.limit,
@@ -175,6 +176,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=non_negative_float,
         default=None,
         help="weight of the decoder-only classifier-consistency term (0: the paper's L_R only)",
+    )
+    p.add_argument(
+        "--consistency-codes",
+        choices=("sample", "mean"),
+        default=None,
+        help="codes the consistency term decodes: sampled (default) or posterior means (what "
+        "the defense decodes)",
     )
     p.add_argument(
         "--recalibrate-norms",

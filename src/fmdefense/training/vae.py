@@ -85,6 +85,7 @@ STAGE2_FIELDS = frozenset(
         "kl_warmup_epochs",
         "free_bits",
         "w_consistency",
+        "consistency_codes",
         "recalibrate_norms",
     }
 )
@@ -209,6 +210,7 @@ def vae_step(
     free_bits: float = 0.0,
     classifier: torch.nn.Module | None = None,
     w_consistency: float = 0.0,
+    consistency_codes: str = "sample",
 ) -> dict[str, float]:
     """One stage-2 update in the safe order (see module docstring); with `classifier` and
     `w_consistency` > 0, plus the decoder-only consistency term (see VAETrainConfig)."""
@@ -227,7 +229,8 @@ def vae_step(
     loss = l_r + beta * penalised + gamma * tc
     consistency = torch.zeros(())
     if classifier is not None and w_consistency > 0:
-        consistency = consistency_loss(classifier, x1, vae.decoder(z.detach(), z_u))
+        z_c = mu.detach() if consistency_codes == "mean" else z.detach()  # see VAETrainConfig
+        consistency = consistency_loss(classifier, x1, vae.decoder(z_c, z_u))
         loss = loss + w_consistency * consistency
     opt_vae.zero_grad(set_to_none=True)
     loss.backward()
@@ -325,6 +328,7 @@ def train_stage2(
                     cfg.free_bits,
                     classifier,
                     cfg.w_consistency,
+                    cfg.consistency_codes,
                 )
             )
         row: dict[str, Any] = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
