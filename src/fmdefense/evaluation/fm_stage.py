@@ -101,7 +101,7 @@ def stage_set_outputs(
         "hi": defense.hi_.tolist(),
         "codes": defense.code_idx_.tolist(),
         "morph": asdict(defense.config.morph),
-        "precision": defense.config.precision,
+        "precision": defense.engine.precision,  # resolved: "auto" keys as what it ran
     }
     if defense.config.compile:  # compiled morphs round differently (older keys stay valid)
         depends["compile"] = True
