@@ -93,3 +93,21 @@ def test_code_agreement_tells_codes_that_say_one_thing_from_codes_that_differ() 
     spread = SetOutputs(torch.tensor([[0.5, 0.52], [0.3, 0.9]]), truth[:2], truth[:2], truth[:2])
     agreement = code_agreement(spread.resistance, spread, {})["CLE"]
     assert agreement == {"binary": 0.0, "codes_agree": 0.5, "all_zero": 0.0}
+
+
+def test_one_manipulated_code_runs_every_figure(tmp_path: Path) -> None:
+    """The paper's face reading (one feature map as the only code): no empty code subset reaches
+    Figure 4, and Figures 1, 4 and 5, Table II and the ROC run on (n, 1) resistances."""
+    from fmdefense.evaluation.fm_stage import code_selections
+
+    cle, val = _outputs(60, 1, 0.8, 0), _outputs(40, 1, 0.8, 1)
+    adv = {"fgsm": _outputs(50, 1, 0.0, 2)}
+    selections = code_selections(val.resistance)
+    assert selections == {"all": [0], "second half": [0], "lowest VAL resistance": [0]}
+    assert code_selections(torch.rand(5, 4))["first half"] == [0, 1]
+    f4 = figure4(cle, adv, val.resistance, selections, tmp_path / "f4.png")
+    assert set(f4["selection"]["fgsm"]) == set(selections)
+    figure1(cle, adv, [2], tmp_path / "f1.png")
+    figure5(cle, adv["fgsm"], val.resistance, tmp_path / "f5.png")
+    assert table2(cle, adv, torch.full((1,), 0.85), 0.5)["fgsm"]["no_defense"] == 0.0
+    assert roc(cle, adv, tmp_path / "roc.png")["fgsm"]["auc"] > 0.9

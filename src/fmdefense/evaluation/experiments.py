@@ -143,7 +143,7 @@ def figure4(
         axes[1, col].set_xticks(range(len(rhos)), [str(r) for r in rhos], fontsize=7)
         sel = {}
         for label, idx in selections.items():
-            ix = torch.tensor(idx)
+            ix = torch.tensor(idx, dtype=torch.long)
             theta = thresholds(val_r[:, ix], SELECTION_RHO, "per_code")
             sel[label] = _detection(_subset(cle, ix), _subset(a, ix), theta)
         data["selection"][name] = sel

@@ -144,6 +144,19 @@ def _table2_at(
     return rows
 
 
+def code_selections(val_r: torch.Tensor) -> dict[str, list[int]]:
+    """Figure 4's code subsets (positions among the m selected codes), empty ones left out (a
+    single code has no halves).  val_r: (n, m)"""
+    m = val_r.shape[1]
+    selections = {
+        "all": list(range(m)),
+        "first half": list(range(m // 2)),
+        "second half": list(range(m // 2, m)),
+        "lowest VAL resistance": sorted(torch.argsort(val_r.mean(0))[: max(1, m // 2)].tolist()),
+    }
+    return {k: v for k, v in selections.items() if v}
+
+
 def experiments(
     run: Path,
     dataset: str,
@@ -159,13 +172,7 @@ def experiments(
     adv = {k: _outputs(v, mode) for k, v in raw.items() if k != "CLE"}
     val_r = defense.val_resistance_
     codes = defense.code_idx_.tolist()
-    m = len(codes)
-    selections = {
-        "all": list(range(m)),
-        "first half": list(range(m // 2)),
-        "second half": list(range(m // 2, m)),
-        "lowest VAL resistance": sorted(torch.argsort(val_r.mean(0))[: max(1, m // 2)].tolist()),
-    }
+    selections = code_selections(val_r)
     results: dict[str, Any] = {
         "figure1": ex.figure1(cle, adv, codes, run / "figure1.png"),
         "resistance_histograms": ex.resistance_histograms(
