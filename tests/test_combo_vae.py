@@ -305,6 +305,8 @@ def test_the_consistency_term_decodes_the_codes_it_is_told_to(codes: str) -> Non
         assert got[0] != pytest.approx(got[1], rel=1e-5)
     with pytest.raises(InputError, match="consistency_codes"):
         VAETrainConfig(consistency_codes="median")
+    with pytest.raises(InputError, match="consistency_codes"):
+        vae_step(vae, None, x, 0.0, 1.0, opt, None, torch.Generator(), 0.0, clf, 1.0, "median")
 
 
 def test_stage2_consistency_needs_a_classifier_and_freezes_it(tmp_path: Path) -> None:

@@ -3,8 +3,8 @@
 Stage 2 trains the decoder on sampled codes z_s = μ + σ·ε, so the running statistics of its
 BatchNorm layers describe noisy codes; reconstructions, morphs and the defense decode μ. Where σ
 stays near the prior's (image-sized face maps: ≈ 0.007 nats per unit) the two differ, and
-eval-mode reconstructions drift (ORL, 16 maps of 64 × 64: C recognised 41 % of the test
-reconstructions in eval mode, 92 % with batch statistics). One pass of the training images through
+eval-mode reconstructions drift (ORL, 16 maps of 64 × 64: C recognised 37.5 % of the test
+reconstructions in eval mode, 92.5 % after re-estimation). One pass of the training images through
 torch's `update_bn` (its SWA utility: cumulative averages, no momentum) re-estimates them; the
 encoder and DGMM keep theirs (they see images, in training as at inference).
 """

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from fmdefense.core.artifacts import GeneratorState, load_resume_state, save_resume_state
-from fmdefense.core.config import replace_fields
+from fmdefense.core.config import check_choice, replace_fields
 from fmdefense.core.errors import InputError
 from fmdefense.core.paths import classifier_dir
 from fmdefense.core.progress import progress
@@ -215,6 +215,7 @@ def vae_step(
     """One stage-2 update in the safe order (see module docstring); with `classifier` and
     `w_consistency` > 0, plus the decoder-only consistency term (see VAETrainConfig)."""
     # a last batch of one image cannot be halved: it updates the VAE alone (no empty half)
+    check_choice("consistency_codes", consistency_codes, ("sample", "mean"))
     half = len(xb) // 2 if disc is not None and len(xb) > 1 else len(xb)
     x1, x2 = xb[:half], xb[half:]
     with torch.no_grad():
