@@ -64,6 +64,18 @@ def _ranges(codes: torch.Tensor, min_width: float = 1e-3) -> tuple[torch.Tensor,
     return (centre - half).float(), (centre + half).float()
 
 
+def _traversal_ranges(
+    name: str, vae: ComboVAE, x: torch.Tensor, x_ref: torch.Tensor, batch_size: int
+) -> tuple[torch.device, torch.Tensor, torch.Tensor]:
+    """The checks both traversal measures share, then (device, lo, hi) of each code on x_ref."""
+    check_int("batch_size", batch_size, low=1)
+    if len(x) == 0 or len(x_ref) < 2:
+        raise InputError(f"{name} needs images x and at least 2 in x_ref")
+    vae.eval()
+    device = next(vae.parameters()).device
+    return (device, *_ranges(vae.codes(x_ref.to(device)).float()))
+
+
 def _set_code(codes: torch.Tensor, i: int, value: float) -> torch.Tensor:
     """A copy of `codes` with code i's value set to `value`; a feature map moves as a whole
     (its mean becomes `value`).  (B, M[, n, n]) -> same"""
@@ -82,12 +94,7 @@ def traversal_pixel_change(
     """How much each z_s code's traversal changes the image: per code, the mean and the 99th
     percentile of |D(code at its 1 % value) − D(code at its 99 % value)| over the pixels of each
     image (range on x_ref, z_u kept), averaged over images; what a traversal figure shows."""
-    check_int("batch_size", batch_size, low=1)
-    if len(x) == 0 or len(x_ref) < 2:
-        raise InputError("traversal_pixel_change needs images x and at least 2 in x_ref")
-    vae.eval()
-    device = next(vae.parameters()).device
-    lo, hi = _ranges(vae.codes(x_ref.to(device)).float())
+    device, lo, hi = _traversal_ranges("traversal_pixel_change", vae, x, x_ref, batch_size)
     d_s = vae.cfg.z_s_dim
     mean, p99 = torch.zeros(d_s), torch.zeros(d_s)
     for start in range(0, len(x), batch_size):
@@ -119,12 +126,7 @@ def traversal_label_stability(
     range on x_ref, z_u kept) whose decode C labels like the plain reconstruction: 1 when z_s
     carries no class information, the property FM-Defense asks of its class-shared codes."""
     check_int("steps", steps, low=1, high=10_000)
-    check_int("batch_size", batch_size, low=1)
-    if len(x) == 0 or len(x_ref) < 2:
-        raise InputError("traversal_label_stability needs images x and at least 2 in x_ref")
-    vae.eval()
-    device = next(vae.parameters()).device
-    lo, hi = _ranges(vae.codes(x_ref.to(device)).float())
+    device, lo, hi = _traversal_ranges("traversal_label_stability", vae, x, x_ref, batch_size)
     d_s = vae.cfg.z_s_dim
     grid = lo[:, None].cpu() + (hi - lo)[:, None].cpu() * torch.linspace(0, 1, steps)  # (M, steps)
     kept = torch.zeros(d_s)
