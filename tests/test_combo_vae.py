@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fmdefense.core.errors import InputError
-from fmdefense.models.combo_vae import DATASET_VAES, ComboVAE, TCDiscriminator
+from fmdefense.models.combo_vae import DATASET_VAES, ComboVAE, ComboVAEConfig, TCDiscriminator
 from fmdefense.models.losses import (
     discriminator_loss,
     kl_normal,
@@ -64,6 +64,25 @@ def test_face_maps_from_eighth_size_to_image_size(map_size: int) -> None:
     assert vae.decode_codes(vae.codes(x), vae.encode(x)[1]).shape == x.shape
     shipped = ComboVAE(dataclasses.replace(DATASET_VAES["orl"], width=4, z_s_dim=2))
     assert list(vae.state_dict()) == list(shipped.state_dict())
+
+
+@torch.no_grad()
+def test_one_by_one_face_codes_are_a_vector_that_moves_the_whole_image() -> None:
+    """map_size 1 on 64×64 faces: (B, C, 1, 1) codes through a linear bottleneck, so changing
+    one code's value changes pixels in every quadrant (a map's mean would barely move them)."""
+    cfg = dataclasses.replace(DATASET_VAES["orl"], map_size=1, width=4, z_s_dim=3)
+    assert cfg.bottleneck == 8 and cfg.downsamplings == 3
+    vae = ComboVAE(cfg).eval()
+    x = torch.rand(2, 1, 64, 64)
+    codes, z_u = vae.codes(x), vae.encode(x)[1]
+    assert tuple(codes.shape) == (2, 3, 1, 1)
+    moved = codes.clone()
+    moved[:, 0] += 3.0
+    change = (vae.decode_codes(moved, z_u) - vae.decode_codes(codes, z_u)).abs()  # (2, 1, 64, 64)
+    quadrants = change.unfold(2, 32, 32).unfold(3, 32, 32).amax((-1, -2))  # (2, 1, 2, 2)
+    assert bool((quadrants > 0).all())
+    assert ComboVAEConfig.from_dict(dataclasses.asdict(cfg)).bottleneck == 8
+    assert DATASET_VAES["orl"].bottleneck == 0  # the shipped 8×8 maps keep their 1×1 conv
 
 
 @pytest.mark.parametrize("map_size", [5, 48, 128])

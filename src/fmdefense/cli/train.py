@@ -199,7 +199,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=positive_int,
         default=None,
         help="faces: side of each z_s feature map (side/8 shipped; the image side = the paper's "
-        "64 × 64 reading)",
+        "64 × 64 reading; 1 = a vector z_s through a linear bottleneck)",
     )
     p.add_argument(
         "--channels", type=positive_int, default=None, help="z_s size: dims, or maps for faces"

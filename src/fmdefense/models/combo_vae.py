@@ -7,7 +7,9 @@ Two variants share one interface:
 - "maps" (faces, 64×64): z_s is C feature maps of n×n; each channel is one manipulable code and
   z_u is kept as encoded. n = side / 2^k for k = 3 (the shipped 8×8) down to 0 (the paper's face
   reading, IV.A: maps as large as the image); the k stride-2 layers of the face encoder keep
-  their stride and the other 3 − k run at stride 1, so each k has the same layer list.
+  their stride and the other 3 − k run at stride 1, so each k has the same layer list. n = 1 on
+  a larger image is a vector z_s for faces: a linear bottleneck between 1×1 codes and the
+  side/8 trunk, so one code's value can move the whole image (a map's mean barely varies).
 """
 
 from __future__ import annotations
@@ -60,16 +62,24 @@ class ComboVAEConfig:
             )
         if self.variant == "maps":
             h, w = self.image_size
-            if h != w or h not in {self.map_size * 2**k for k in range(4)}:
+            sizes = {self.map_size * 2**k for k in range(4)}
+            if h != w or (h not in sizes and not (self.map_size == 1 and h % 8 == 0)):
                 raise InputError(
-                    f"image_size must be square and map_size × 1, 2, 4 or 8 for the 'maps' "
-                    f"variant with map_size {self.map_size}, got {self.image_size}"
+                    f"image_size must be square and map_size × 1, 2, 4 or 8 (or a multiple of "
+                    f"8 with map_size 1) for the 'maps' variant with map_size {self.map_size}, "
+                    f"got {self.image_size}"
                 )
 
     @property
     def downsamplings(self) -> int:
         """k: stride-2 layers between a face image and its code maps (maps variant; 0 to 3)."""
-        return (self.image_size[0] // self.map_size).bit_length() - 1
+        return min(3, (self.image_size[0] // self.map_size).bit_length() - 1)
+
+    @property
+    def bottleneck(self) -> int:
+        """Side of the trunk a linear layer joins to 1×1 codes (maps variant; 0: none)."""
+        side = self.image_size[0]
+        return side // 8 if self.variant == "maps" and self.map_size == 1 and side > 8 else 0
 
     @classmethod
     def from_dict(
@@ -151,6 +161,13 @@ class Encoder(nn.Module):
             self.net: nn.Module = nn.Sequential(
                 conv_trunk_28(cfg.in_channels, cfg.width), nn.Linear(128, 2 * cfg.z_s_dim)
             )
+        elif cfg.bottleneck:  # (B, 2w, s, s) -> (B, 2C, 1, 1)
+            self.net = nn.Sequential(
+                conv_trunk_faces(cfg.in_channels, cfg.width),
+                nn.Flatten(),
+                nn.Linear(2 * cfg.width * cfg.bottleneck**2, 2 * cfg.z_s_dim),
+                nn.Unflatten(1, (2 * cfg.z_s_dim, 1, 1)),
+            )
         else:
             self.net = nn.Sequential(
                 conv_trunk_faces(cfg.in_channels, cfg.width, cfg.downsamplings),
@@ -215,7 +232,7 @@ class Decoder(nn.Module):
         else:
             up = [i >= 3 - cfg.downsamplings for i in range(3)]  # the last k stages upsample
             self.net = nn.Sequential(
-                nn.Conv2d(cfg.z_s_dim + cfg.z_u_dim, 2 * w, 1),
+                _code_input(cfg),
                 _act(),
                 ResBlock(2 * w),
                 ResBlock(2 * w),
@@ -235,6 +252,17 @@ class Decoder(nn.Module):
         n = z_s.shape[-1]
         z_u_maps = z_u.view(*z_u.shape, 1, 1).expand(-1, -1, n, n)
         return self.net(torch.cat([z_s, z_u_maps], 1))
+
+
+def _code_input(cfg: ComboVAEConfig) -> nn.Module:
+    """The face decoder's first layer: a 1×1 conv on the code maps, or with a bottleneck a
+    linear layer from 1×1 codes to the trunk.  (B, C + K, n, n) -> (B, 2w, n', n')"""
+    c_in, c_out, s = cfg.z_s_dim + cfg.z_u_dim, 2 * cfg.width, cfg.bottleneck
+    if not s:
+        return nn.Conv2d(c_in, c_out, 1)
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(c_in, c_out * s * s), nn.Unflatten(1, (c_out, s, s))
+    )
 
 
 class TCDiscriminator(nn.Module):
