@@ -130,3 +130,16 @@ def test_pretrained_orl_defends_the_test_faces_as_the_readme_reports() -> None:
     assert x.shape == (80, 1, 64, 64)
     assert int(dec.flagged.sum()) == 5
     assert (dec.label == y).float().mean().item() == pytest.approx(0.9375)
+
+
+def test_saved_autoencoders_load_onto_the_classifier_device() -> None:
+    """A default (or ensemble) loaded around a classifier on another device gets MagNet's
+    autoencoders there too (the meta device stands in for CUDA on this CPU-only machine)."""
+    from fmdefense.defenses.default import _autoencoders
+
+    state = {f"ae_i.{k}": v for k, v in autoencoder_i(1).state_dict().items()}
+    state |= {f"ae_ii.{k}": v for k, v in autoencoder_ii(1).state_dict().items()}
+    for device in (torch.device("cpu"), torch.device("meta")):
+        pair = _autoencoders(state, 1, device)
+        assert {p.device for ae in pair for p in ae.parameters()} == {device}
+        assert not any(ae.training for ae in pair)

@@ -317,9 +317,9 @@ class DefaultDefense(Defense):
         except InputError as exc:
             raise ArtifactError(f"{folder}/config.json: {exc}") from exc
         t = load_tensors(Path(folder) / "model.safetensors")
-        autoencoders = (
-            _autoencoders(t, int(raw.get("in_channels", 1))) if raw.get("autoencoders") else None
-        )
+        device = next(classifier.parameters(), torch.empty(0)).device  # the contract's device
+        channels = int(raw.get("in_channels", 1))
+        autoencoders = _autoencoders(t, channels, device) if raw.get("autoencoders") else None
         if strict:
             for name, module in (("classifier", classifier), ("vae", vae)):
                 if fingerprint(module) != raw.get("fingerprints", {}).get(name):
@@ -371,12 +371,15 @@ def classifier_channels(classifier: nn.Module) -> int:
     return int(getattr(getattr(classifier, "cfg", None), "in_channels", 1))
 
 
-def _autoencoders(t: dict[str, torch.Tensor], channels: int) -> tuple[nn.Module, nn.Module]:
-    """MagNet's autoencoder architectures filled with the saved weights."""
+def _autoencoders(
+    t: dict[str, torch.Tensor], channels: int, device: torch.device
+) -> tuple[nn.Module, nn.Module]:
+    """MagNet's autoencoder architectures filled with the saved weights, on `device` (the
+    classifier's: a default loaded around a CUDA classifier scores on CUDA)."""
     from fmdefense.models.magnet import autoencoder_i, autoencoder_ii
 
     pair = (autoencoder_i(channels), autoencoder_ii(channels))
     for prefix, ae in zip(("ae_i.", "ae_ii."), pair, strict=True):
         ae.load_state_dict({k[len(prefix) :]: v for k, v in t.items() if k.startswith(prefix)})
-        ae.eval()
+        ae.to(device).eval()
     return pair

@@ -245,10 +245,8 @@ class EnsembleDefense(Defense):
         if len(vaes) != len(dirs):
             raise InputError(f"{folder} has {len(dirs)} members, got {len(vaes)} combo-VAEs")
         t = load_tensors(folder / "model.safetensors")
-        aes = _autoencoders(t, channels) if raw.get("autoencoders") else None
-        if aes is not None:  # beside the classifier, wherever it is
-            device = next(classifier.parameters(), torch.empty(0)).device
-            aes = (aes[0].to(device), aes[1].to(device))
+        device = next(classifier.parameters(), torch.empty(0)).device  # beside the classifier
+        aes = _autoencoders(t, channels, device) if raw.get("autoencoders") else None
         ensemble = cls(classifier, vaes, aes, config, dirs)
         ensemble._set_members(
             [_member(ensemble, k, vae, t, raw, prints[k], folder) for k, vae in enumerate(vaes)]
