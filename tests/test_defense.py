@@ -14,7 +14,13 @@ from fmdefense.defenses.base import ACCEPT, PURIFY, REJECT, REJECT_LABEL
 from fmdefense.defenses.fm.config import FMDefenseConfig
 from fmdefense.defenses.fm.detector import FMDefense
 from fmdefense.defenses.fm.engine import static_pieces
-from fmdefense.defenses.fm.morphs import MorphConfig, draw_table, morph_codes, natural_deltas
+from fmdefense.defenses.fm.morphs import (
+    MorphConfig,
+    draw_table,
+    morph_codes,
+    morph_rows,
+    natural_deltas,
+)
 from fmdefense.defenses.fm.ranges import normal_ranges
 from fmdefense.defenses.fm.thresholds import (
     NEVER,
@@ -70,6 +76,20 @@ def test_morph_codes_shift_one_code_or_one_whole_channel() -> None:
     maps = torch.zeros(2, 3, 2, 2)  # face variant: a code is a channel
     out = morph_codes(maps, torch.tensor([1]), torch.full((2, 1, 4), 0.5))
     assert bool((out[:, :, :, 1] == 0.5).all()) and float(out[:, :, :, [0, 2]].abs().sum()) == 0
+
+
+@pytest.mark.parametrize("rest", [(5,), (5, 3, 3)])
+def test_morph_rows_are_the_same_rows_of_all_morphs_built_alone(rest: tuple[int, ...]) -> None:
+    """The resistance loop builds one batch of morphs at a time: any slice equals that slice of
+    the full (n, m, N, ...) morph tensor, with the input each row belongs to."""
+    gen = torch.Generator().manual_seed(0)
+    codes, deltas = torch.randn(3, *rest, generator=gen), torch.randn(3, 2, 4, generator=gen)
+    code_idx = torch.tensor([4, 1])
+    full = morph_codes(codes, code_idx, deltas).flatten(0, 2)  # (24, 5[, 3, 3])
+    owners = torch.arange(3).repeat_interleave(8)
+    for start, stop in [(0, 24), (0, 5), (5, 13), (23, 24), (7, 7)]:
+        rows, owner = morph_rows(codes, code_idx, deltas, start, stop)
+        assert torch.equal(rows, full[start:stop]) and torch.equal(owner, owners[start:stop])
 
 
 def test_normal_range_is_a_central_quantile_interval() -> None:

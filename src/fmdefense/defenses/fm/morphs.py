@@ -104,3 +104,21 @@ def morph_codes(codes: torch.Tensor, code_idx: torch.Tensor, deltas: torch.Tenso
     for j, i in enumerate(code_idx.tolist()):
         out[:, j, :, i] += deltas[:, j, :].view(n, N, *([1] * (len(rest) - 1)))
     return out
+
+
+def morph_rows(
+    codes: torch.Tensor, code_idx: torch.Tensor, deltas: torch.Tensor, start: int, stop: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows start:stop of `morph_codes(...).flatten(0, 2)` and the input each belongs to,
+    built alone: a batch's morphs, not a whole chunk's (n·m·N image-sized maps need GBs).
+
+    codes: (n, M[, h, w]); deltas: (n, m, N) -> (stop − start, M[, h, w]), (stop − start,)
+    """
+    _, m, N = deltas.shape
+    flat = torch.arange(start, stop)
+    owner, j = flat // (m * N), flat // N % m
+    out = codes[owner].clone()  # (b, M[, h, w])
+    shift = deltas.reshape(-1)[flat].view(-1, *([1] * (codes.dim() - 2)))  # (b[, 1, 1])
+    rows = torch.arange(len(flat))
+    out[rows, code_idx[j]] += shift
+    return out, owner

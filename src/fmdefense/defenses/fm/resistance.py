@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from fmdefense.defenses.fm.morphs import morph_codes
+from fmdefense.defenses.fm.morphs import morph_rows
 
 Decoder = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (codes, z_u) -> images
 Labeller = Callable[[torch.Tensor], torch.Tensor]  # images -> labels
@@ -29,11 +29,10 @@ def resistance(
     labels: (n,) the classifier's label of each input; deltas: (n, m, N).
     """
     n, m, N = deltas.shape
-    morphs = morph_codes(codes, code_idx, deltas).flatten(0, 2)  # (n*m*N, M[, h, w])
-    owners = torch.arange(n).repeat_interleave(m * N)  # instance of each morph
-    z_u_all = z_u[owners]  # (n*m*N, K)
     agree = torch.empty(n * m * N, dtype=torch.bool)
-    for i in range(0, len(morphs), batch_size):
-        pred = classify(decode(morphs[i : i + batch_size], z_u_all[i : i + batch_size]))
-        agree[i : i + batch_size] = pred.cpu() == labels[owners[i : i + batch_size]]
+    for i in range(0, n * m * N, batch_size):
+        stop = min(i + batch_size, n * m * N)
+        morphs, owners = morph_rows(codes, code_idx, deltas, i, stop)  # (b, M[, h, w]), (b,)
+        pred = classify(decode(morphs, z_u[owners]))
+        agree[i:stop] = pred.cpu() == labels[owners]
     return agree.view(n, m, N).float().mean(-1)
