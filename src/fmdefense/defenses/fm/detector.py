@@ -102,10 +102,17 @@ class FMDefense(Defense):
         cfg = self.config
         codes, _ = self._latents(x_val)
         self.lo_, self.hi_ = normal_ranges(codes, cfg.range_quantiles)
-        all_idx = torch.arange(self.vae.num_codes)
-        r_all = self._resistance(x_val, all_idx, self.lo_, self.hi_, cache_dir)  # (n, M)
-        self.code_idx_ = self._select_codes(r_all)
-        self.val_resistance_ = r_all[:, self.code_idx_]
+        if isinstance(cfg.codes, str):  # "all", or "auto" choosing on every code's VAL r
+            r_all = self._resistance(
+                x_val, torch.arange(self.vae.num_codes), self.lo_, self.hi_, cache_dir
+            )  # (n, M)
+            self.code_idx_ = self._select_codes(r_all)
+            self.val_resistance_ = r_all[:, self.code_idx_]
+        else:  # given codes: only their morphs (the sets' resistance is computed the same way)
+            self.code_idx_ = self._select_codes(torch.empty(0, self.vae.num_codes))
+            self.val_resistance_ = self._resistance(
+                x_val, self.code_idx_, self.lo_, self.hi_, cache_dir
+            )  # (n, m)
         self.theta_ = thresholds(self.val_resistance_, cfg.rho, cfg.threshold_mode)
         self.theta_d_ = distance_threshold(self.val_resistance_, self.theta_, cfg.eta)
         suspicious = flags(self.val_resistance_, self.theta_)
