@@ -1,10 +1,10 @@
 """Cost per input of each defense on MNIST: milliseconds per input and network passes per input.
 
-    .venv/bin/python benchmarks/defense_cost.py [--inputs 64] [--device auto]
+    .venv/bin/python benchmarks/defense_cost.py [--inputs 64] [--device auto] [--force-bf16]
 
-FM-Defense at the paper config (m = 20 codes × N = 100 morphs, fp32 and bf16), the one-decode
-reconstruction check, MagNet (two autoencoders + the classifier on the reformed input) and
-Defense-GAN (R restarts × L search steps, each a generator forward and backward). Shipped
+FM-Defense at the paper config (m = 20 codes × N = 100 morphs, fp32, and bf16 where native),
+the one-decode reconstruction check, MagNet (two autoencoders + the classifier on the reformed
+input) and Defense-GAN (R restarts × L search steps, each a generator forward and backward). Shipped
 weights where they exist, random weights of the same shapes otherwise (cost does not depend
 on the weights). Inputs are random images: the work per input is the same for any image.
 """
@@ -26,7 +26,7 @@ from fmdefense.defenses.recon_check import ReconCheckConfig, ReconstructionCheck
 from fmdefense.evaluation.baselines import defensegan_dir
 from fmdefense.models.gan import DefenseGANConfig, Generator
 from fmdefense.models.magnet import MagNetAutoencoders, MagNetConfig
-from morph_throughput import load
+from morph_throughput import load, precisions
 
 
 def timed(fn: Callable[[torch.Tensor], object], x: torch.Tensor) -> float:
@@ -41,6 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--inputs", type=int, default=64)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--force-bf16", action="store_true", help="time bf16 even if not native")
     args = parser.parse_args()
     device = resolve_device(args.device)
     clf, vae, source = load(device)
@@ -49,7 +50,7 @@ def main() -> None:
     print(f"device {device}, {torch.get_num_threads()} threads, {source}, {n} inputs")
     rows: list[tuple[str, float, str]] = []
 
-    for precision in ("fp32", "bf16"):
+    for precision in precisions(device, args.force_bf16):
         cfg = FMDefenseConfig(n_morphs=100, precision=precision)
         fm = FMDefense(clf, vae, cfg).fit(torch.rand(32, 1, 28, 28))
         sec = timed(fm.decide, x)
