@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from fmdefense.core.artifacts import load_tensors
+from fmdefense.core.precision import native_bf16
 from fmdefense.defenses.fm.detector import FMDefense
 from fmdefense.defenses.fm.sequential import SequentialConfig, full_actions, simulate
 from fmdefense.defenses.jobs import load_models
@@ -103,7 +104,12 @@ def main() -> None:
             f"{100 * agree:>9.2f}% {100 * worst:>6.2f}%"
         )
     print("target: ≤ 400 morphs per clean input at ≥ 99.5 % agreement")
-    if args.check:
+    if args.check and fm.config.precision == "bf16" and not native_bf16(torch.device("cpu")):
+        print(
+            "engine check skipped: the committed defense morphs in bf16, which is not native on "
+            "this CPU (≈ 100× slower than fp32); run it where bf16 is native"
+        )
+    elif args.check:
         engine_check(fm, cfg, args.check)
 
 

@@ -29,6 +29,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """ "fp32" or "bf16" for a requested precision on a device; "auto" is logged once."""
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision == "bf16" and not native_bf16(device):
+        log.warning(
+            "precision bf16 on %s, where bf16 is not native: autocast runs it 12-100x slower "
+            "than fp32 here (use precision auto)",
+            device,
+        )
     if precision != "auto":
         return precision
     chosen = "bf16" if native_bf16(device) else "fp32"
