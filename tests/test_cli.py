@@ -342,3 +342,15 @@ def test_reproduce_compile_flag_reaches_the_profile() -> None:
     assert _profile_overrides(args) == {"n_cle": 4, "vae": "weights/orl/combo_vae", "codes": (3,)}
     with pytest.raises(InputError, match="no combo-VAE artifact there"):
         _profile_overrides(build_parser().parse_args([*base, "--vae", "nowhere"]))
+
+
+def test_evaluate_vae_prints_the_val_reconstruction_accuracy_the_face_model_was_chosen_on(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """README "Combo-VAE": the vector face model was chosen among four on C's accuracy on the
+    VAL reconstructions; `evaluate vae` prints it (and the training split's, for the gap)."""
+    root = Path(__file__).resolve().parents[1]
+    args = ["evaluate", "vae", "--dataset", "orl", "--limit", "1"]
+    assert main([*args, "--weights", str(root / "weights" / "orl" / "combo_vae_vector")]) == 0
+    out = capsys.readouterr().out
+    assert "vae_train 1.0000 / 0.9929 (280 images), val 0.9500 / 0.9250 (40 images)" in out

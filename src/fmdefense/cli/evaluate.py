@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from fmdefense.cli.common import DATASETS, MODEL_DATASETS, add_common, positive_int
 from fmdefense.core.device import resolve_device
@@ -29,8 +32,8 @@ def vae_command(args: argparse.Namespace) -> None:
     from fmdefense.training.vae import disentanglement, traversal_label_stability
     from fmdefense.training.vae_measures import traversal_pixel_change
 
-    folder = vae_dir(args.dataset, args.weights)
-    clf, vae = load_models(args.dataset, resolve_device(args.device), vae=folder)
+    folder, device = vae_dir(args.dataset, args.weights), resolve_device(args.device)
+    clf, vae = load_models(args.dataset, device, vae=folder)
     ds = load_raw(args.dataset, data_dir=args.data_dir)
     x, _ = split_tensors(ds, "test")
     d = disentanglement(vae, x)
@@ -46,6 +49,24 @@ def vae_command(args: argparse.Namespace) -> None:
         f"{[round(v, 4) for v in change['per_code_mean']]}, 99th percentile "
         f"{[round(v, 3) for v in change['per_code_p99']]}"
     )
+    accuracy = _recon_accuracy(vae, clf, ds, device)
+    print(f"C on reconstructions (z_u = feature / class mean): {accuracy}")
+
+
+def _recon_accuracy(vae: Any, clf: Any, ds: Any, device: torch.device) -> str:
+    """C's accuracy on the reconstructions of the training and VAL images: VAL is where a
+    choice among trained models may be made (the test split is reported, never chosen on)."""
+    from fmdefense.data import split_tensors
+    from fmdefense.training.vae_measures import held_out_measures
+
+    parts = []
+    for split in ("vae_train", "val"):
+        x, y = split_tensors(ds, split)
+        with torch.inference_mode():
+            acc = held_out_measures(vae, x, y, clf, device)
+        c = acc["classifier_accuracy_on_reconstructions"]
+        parts.append(f"{split} {c['feature']:.4f} / {c['class_mean']:.4f} ({len(x)} images)")
+    return ", ".join(parts)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
