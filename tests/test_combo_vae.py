@@ -81,6 +81,9 @@ def test_one_by_one_face_codes_are_a_vector_that_moves_the_whole_image() -> None
     change = (vae.decode_codes(moved, z_u) - vae.decode_codes(codes, z_u)).abs()  # (2, 1, 64, 64)
     quadrants = change.unfold(2, 32, 32).unfold(3, 32, 32).amax((-1, -2))  # (2, 1, 2, 2)
     assert bool((quadrants > 0).all())
+    weights = vae.state_dict()  # the linear layers join 1×1 codes to the 8×8 trunk (2w = 8)
+    assert tuple(weights["encoder.net.2.weight"].shape) == (2 * 3, 8 * 8 * 8)
+    assert tuple(weights["decoder.net.0.1.weight"].shape) == (8 * 8 * 8, 3 + cfg.z_u_dim)
     assert ComboVAEConfig.from_dict(dataclasses.asdict(cfg)).bottleneck == 8
     assert DATASET_VAES["orl"].bottleneck == 0  # the shipped 8×8 maps keep their 1×1 conv
 

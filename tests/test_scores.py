@@ -8,6 +8,8 @@ defined. Real MNIST architectures (random weights), so the convolutions' layouts
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -143,3 +145,11 @@ def test_saved_autoencoders_load_onto_the_classifier_device() -> None:
         pair = _autoencoders(state, 1, device)
         assert {p.device for ae in pair for p in ae.parameters()} == {device}
         assert not any(ae.training for ae in pair)
+    from fmdefense.defenses.jobs import load_models
+
+    clf, vae = load_models("mnist", torch.device("cpu"))
+    folder = Path(__file__).resolve().parents[1] / "weights" / "mnist" / "default"
+    # a classifier on the meta device cannot be fingerprinted: strict=False skips that check
+    loaded = DefaultDefense.load(folder, clf.to("meta"), vae, strict=False)
+    assert loaded.autoencoders is not None
+    assert {p.device.type for ae in loaded.autoencoders for p in ae.parameters()} == {"meta"}

@@ -1,7 +1,8 @@
 """Precision "auto": bf16 only where the device runs it natively, fp32 otherwise.
 
 On a CPU without native bf16 (AVX2 only: mkldnn reports no bf16 support) autocast to bf16 ran
-decode + classify 12× slower than fp32 (guide §6), so "auto" never picks it there.
+decode + classify 12× slower than fp32 (guide §6), and ≈ 100× on another such machine
+(2026-12-08), so "auto" never picks it there, and an explicit bf16 there is warned about.
 """
 
 from __future__ import annotations
