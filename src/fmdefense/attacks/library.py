@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from fmdefense.core.device import module_device
 from fmdefense.core.errors import InputError
 from fmdefense.core.validation import check_images, check_labels
 
@@ -154,7 +155,7 @@ def attack_config(name: str, setting: str | None = None) -> Any:
 
 
 def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters(), torch.empty(0)).device
+    return module_device(model)
 
 
 def check_attack_inputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,11 @@ from fmdefense.core.errors import InputError
 _USE = "use --device auto, cpu or cuda[:N]"
 
 
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device a module's parameters are on (the CPU for a module without parameters)."""
+    return next(module.parameters(), torch.empty(0)).device
+
+
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """Map `auto` to CUDA when present, else CPU; refuse names this machine cannot use."""
     if isinstance(name, torch.device):

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
+from fmdefense.core.device import module_device
 from fmdefense.core.errors import NotFittedError
 from fmdefense.core.validation import check_images
 
@@ -115,7 +116,7 @@ class Defense(ABC):
 
     @property
     def device(self) -> torch.device:
-        return next(self.classifier.parameters(), torch.empty(0)).device
+        return module_device(self.classifier)
 
     def _check(self, x: object, name: str = "x") -> torch.Tensor:
         """Validated float32 images shaped like the classifier's input (when it says)."""

@@ -28,6 +28,7 @@ from torch import nn
 
 from fmdefense.core.artifacts import load_tensors, read_config, save_artifact
 from fmdefense.core.config import check_choice, check_int, check_range, dataclass_kwargs
+from fmdefense.core.device import module_device
 from fmdefense.core.errors import ArtifactError, InputError
 from fmdefense.core.fingerprints import fingerprint
 from fmdefense.core.inference import inference_copy
@@ -317,7 +318,7 @@ class DefaultDefense(Defense):
         except InputError as exc:
             raise ArtifactError(f"{folder}/config.json: {exc}") from exc
         t = load_tensors(Path(folder) / "model.safetensors")
-        device = next(classifier.parameters(), torch.empty(0)).device  # the contract's device
+        device = module_device(classifier)  # the contract's device
         channels = int(raw.get("in_channels", 1))
         autoencoders = _autoencoders(t, channels, device) if raw.get("autoencoders") else None
         if strict:

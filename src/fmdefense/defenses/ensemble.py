@@ -39,6 +39,7 @@ from torch import nn
 
 from fmdefense.core.artifacts import load_tensors, read_config, save_artifact
 from fmdefense.core.config import check_choice, check_int, dataclass_kwargs
+from fmdefense.core.device import module_device
 from fmdefense.core.errors import ArtifactError, InputError
 from fmdefense.core.fingerprints import fingerprint
 from fmdefense.defenses.base import Decision, Defense
@@ -245,7 +246,7 @@ class EnsembleDefense(Defense):
         if len(vaes) != len(dirs):
             raise InputError(f"{folder} has {len(dirs)} members, got {len(vaes)} combo-VAEs")
         t = load_tensors(folder / "model.safetensors")
-        device = next(classifier.parameters(), torch.empty(0)).device  # beside the classifier
+        device = module_device(classifier)  # beside the classifier
         aes = _autoencoders(t, channels, device) if raw.get("autoencoders") else None
         ensemble = cls(classifier, vaes, aes, config, dirs)
         ensemble._set_members(
@@ -302,7 +303,7 @@ def union_alpha(members: list[DefaultDefense], alpha: float) -> float:
 def _load_vae(folder: Path, classifier: nn.Module) -> Any:
     from fmdefense.models.combo_vae import ComboVAE
 
-    device = next(classifier.parameters(), torch.empty(0)).device
+    device = module_device(classifier)
     return ComboVAE.load(folder, device).eval()
 
 

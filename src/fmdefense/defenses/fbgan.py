@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fmdefense.core.config import check_int, check_range, dataclass_kwargs
+from fmdefense.core.device import module_device
 from fmdefense.core.errors import ArtifactError, InputError
 from fmdefense.defenses.base import Decision, Defense
 from fmdefense.defenses.rule import apply_rule
@@ -125,7 +126,7 @@ class FBGANDefense(Defense):
         """Rebuild around `classifier` (on its device unless given); fitted when the artifact
         holds a threshold, otherwise call `fit(x_val)`."""
         if device is None:
-            device = next(classifier.parameters(), torch.empty(0)).device
+            device = module_device(classifier)
         model, calibration = load_fbgan(folder, device)
         raw = dict(calibration or {})
         threshold = raw.pop("threshold", None)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fmdefense.core.device import module_device
 from fmdefense.core.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ def _load_weights(model: nn.Module, path: Path, spec: str) -> None:
 
 def _probe(model: nn.Module, cfg: UserClassifierConfig, spec: str) -> None:
     """One forward pass on two blank images: logits (2, num_classes) or a clear error."""
-    device = next(iter(model.parameters()), torch.empty(0)).device
+    device = module_device(model)
     x = torch.zeros(2, cfg.in_channels, *cfg.image_size, device=device)
     try:
         with torch.no_grad():

@@ -25,6 +25,7 @@ from torch import nn
 
 from fmdefense.attacks.defended import defended_success, require_fitted
 from fmdefense.core.config import check_choice, check_int, check_range
+from fmdefense.core.device import module_device
 from fmdefense.core.errors import InputError
 from fmdefense.core.validation import check_images, check_labels
 from fmdefense.defenses.base import Defense
@@ -52,7 +53,7 @@ def project_linf(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tens
 
 
 def device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters(), torch.empty(0)).device
+    return module_device(model)
 
 
 @torch.no_grad()
