@@ -4,7 +4,9 @@ and a re-run after a kill reuses every finished stage."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -94,4 +96,36 @@ def test_calibration_after_retraining_the_vae_gets_fresh_val_chunks(tmp_path: Pa
     pipeline.stage_calibrate(tmp_path, clf, old, cfg, x_val, y_val)
     pipeline.stage_calibrate(tmp_path, clf, new, cfg, x_val, y_val)
     assert len(list((tmp_path / "cache").glob("val-*"))) == 2
-    assert FMDefense.load(tmp_path / "defense", clf, new).config == cfg
+    assert FMDefense.load(tmp_path / "defense", clf, new).config == replace(cfg, precision="fp32")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_calibration_runs_at_the_resolved_precision_and_reuses_either_spelling(
+    native: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "auto" is calibrated (and saved) as what it resolves to here, so a run saved with the
+    concrete precision — the committed paper runs say "bf16" — is reused by "auto" where auto
+    picks it, and one saved as "auto" is reused too; elsewhere VAL is morphed again."""
+    from fmdefense.core import precision
+    from fmdefense.defenses.fm.config import FMDefenseConfig
+    from tests.toys import ToyClassifier, ToyVAE, images
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device: native)
+    x_val = images([0.05 * i for i in range(1, 20) if i != 10])
+    y_val = (x_val.flatten(1).mean(1) > 0.5).long()
+    auto = FMDefenseConfig(n_morphs=8, rho=0.9, eta=0.5, channels_last=False)
+    clf, vae, plain, fits = ToyClassifier(), ToyVAE(), FMDefense.fit, []
+
+    def counted(*args: Any, **kwargs: Any) -> FMDefense:
+        fits.append(1)
+        return plain(*args, **kwargs)
+
+    for saved in ("bf16", "auto"):
+        run = tmp_path / saved
+        pipeline.stage_calibrate(run, clf, vae, replace(auto, precision=saved), x_val, y_val)
+        fits.clear()
+        monkeypatch.setattr(FMDefense, "fit", counted)
+        again = pipeline.stage_calibrate(run, clf, vae, auto, x_val, y_val)
+        monkeypatch.setattr(FMDefense, "fit", plain)
+        assert fits == ([] if saved == "auto" or native else [1])
+        assert again.config.precision == ("bf16" if native else "fp32")

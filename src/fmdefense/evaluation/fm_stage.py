@@ -4,7 +4,7 @@ set (cached), and the paper's figures and tables from the stored outputs."""
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,10 @@ from fmdefense.core.artifacts import (
     save_tensors,
 )
 from fmdefense.core.chunks import config_hash
+from fmdefense.core.device import module_device
 from fmdefense.core.errors import ArtifactError
 from fmdefense.core.fingerprints import fingerprint, fingerprint_tensor
+from fmdefense.core.precision import resolve_precision
 from fmdefense.core.provenance import provenance
 from fmdefense.defenses.fm.config import FMDefenseConfig
 from fmdefense.defenses.fm.detector import INPUT_LABELS, FMDefense
@@ -69,22 +71,27 @@ def stage_calibrate(
     x_val: torch.Tensor,
     y_val: torch.Tensor,
 ) -> FMDefense:
-    """FM-Defense fitted on VAL (resumable through its VAL morph chunks)."""
+    """FM-Defense fitted on VAL (resumable through its VAL morph chunks), at the precision
+    `cfg`'s resolves to on the classifier's device, as the sets' outputs are keyed: a run made
+    with "bf16" where bf16 is native is reused by the "auto" that picks bf16 there."""
     folder = run / "defense"
+    resolved = replace(cfg, precision=resolve_precision(cfg.precision, module_device(clf)))
     try:
         defense = FMDefense.load(folder, clf, vae)
-        if defense.config == cfg and defense.input_labels_ == INPUT_LABELS:
+        if defense.config in (cfg, resolved) and defense.input_labels_ == INPUT_LABELS:
             log.info("reusing finished stage %s", folder)
             return defense
     except (ArtifactError, KeyError):
         pass
     # the models join the key: a retrained combo-VAE or classifier gets fresh VAL chunks
     models = [fingerprint(clf), fingerprint(vae)]
-    settings = asdict(cfg)
+    settings = asdict(resolved)
     if not cfg.compile:  # the key of runs from before the setting existed
         del settings["compile"]
     key = config_hash({"cfg": settings, "val": fingerprint_tensor(x_val), "models": models})
-    defense = FMDefense(clf, vae, cfg).fit(x_val, y_val, cache_dir=run / "cache" / f"val-{key}")
+    defense = FMDefense(clf, vae, resolved).fit(
+        x_val, y_val, cache_dir=run / "cache" / f"val-{key}"
+    )
     defense.save(folder)
     return defense
 
